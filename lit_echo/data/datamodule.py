@@ -1,0 +1,94 @@
+"""``RolloutDataModule``: offline rollout buffers as a LightningDataModule configurable from YAML."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import lightning as L
+from torch.utils.data import DataLoader
+
+from lit_echo.data.buffer import RolloutBuffer
+from lit_echo.data.collate import RolloutCollator
+
+
+def load_tokenizer(name_or_path: str):
+    """Tokenizer for a built-in name (see lit_echo.pretrained), a local directory or a hub id."""
+    from lit_echo.pretrained import load_tokenizer as _load
+
+    return _load(name_or_path)
+
+
+class _EpochLoader(DataLoader):
+    """Advances the buffer's epoch in the main process before workers copy it, so each epoch reshuffles."""
+
+    def __iter__(self):
+        iterator = super().__iter__()
+        self.dataset.epoch += 1
+        return iterator
+
+
+class RolloutDataModule(L.LightningDataModule):
+    """Streams training rollouts from JSON-lines buffers; loads the (small) validation buffer into memory.
+
+    Args:
+        train_path: file, directory or glob of ``.jsonl`` / ``.jsonl.gz`` rollouts (or a list of them).
+        val_path: held-out rollouts for ``val/world_nll`` and ``val/world_acc``; None disables validation.
+        tokenizer: name or path of the tokenizer that renders messages records; normally linked to the model's
+            ``model.model_name_or_path`` by the CLI.
+        batch_size: rollouts per micro-batch.
+        val_batch_size: defaults to ``batch_size``.
+        max_length: tokens per rollout after truncation (None: no limit).
+        truncation: "right" keeps the first ``max_length`` tokens; "drop" leaves over-long rollouts out.
+        shuffle, shuffle_buffer, seed: seeded streaming shuffle (``shuffle_buffer`` records in memory).
+        repeat: cycle the training buffer forever (train by ``max_steps``); False: one pass per epoch.
+        num_workers: dataloader workers; records are sharded across workers and DDP ranks.
+        on_bad_record: "raise" (stop, naming file, line, field) or "skip" (log, count in ``data/skipped``).
+        grpo_scale_by_std: advantages of records without one: GRPO (True) or Dr. GRPO (False).
+    """
+
+    def __init__(self, train_path: str | list[str] | None = None, val_path: str | list[str] | None = None,
+                 tokenizer: str | None = None, batch_size: int = 8, val_batch_size: int | None = None,
+                 max_length: int | None = 1024, truncation: Literal["right", "drop"] = "right",
+                 shuffle: bool = True, shuffle_buffer: int = 1024, seed: int = 0, repeat: bool = True,
+                 num_workers: int = 0, on_bad_record: Literal["raise", "skip"] = "raise",
+                 grpo_scale_by_std: bool = True):
+        super().__init__()
+        self.save_hyperparameters()
+        self._tokenizer: Any = None
+        self.val_rollouts: list | None = None
+
+    @property
+    def tokenizer(self):
+        if self._tokenizer is None and self.hparams.tokenizer is not None:
+            self._tokenizer = load_tokenizer(self.hparams.tokenizer)
+        return self._tokenizer
+
+    def collator(self) -> RolloutCollator:
+        tok = self.tokenizer
+        pad = 0 if tok is None else (tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
+        return RolloutCollator(pad, self.hparams.max_length, self.hparams.truncation)
+
+    def _buffer(self, path, **overrides) -> RolloutBuffer:
+        h = self.hparams
+        kwargs = dict(tokenizer=self.tokenizer, shuffle=h.shuffle, shuffle_buffer=h.shuffle_buffer, seed=h.seed,
+                      repeat=h.repeat, on_bad_record=h.on_bad_record, grpo_scale_by_std=h.grpo_scale_by_std)
+        kwargs.update(overrides)
+        return RolloutBuffer(path, **kwargs)
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.hparams.val_path is not None and self.val_rollouts is None:
+            # Read every record in every process; Lightning's distributed sampler splits them across ranks.
+            buffer = self._buffer(self.hparams.val_path, shuffle=False, repeat=False, shard=(0, 1))
+            self.val_rollouts = [item.rollout for item in buffer]
+
+    def train_dataloader(self) -> DataLoader:
+        if self.hparams.train_path is None:
+            raise ValueError("RolloutDataModule.train_path is not set: point it at a .jsonl/.jsonl.gz buffer")
+        return _EpochLoader(self._buffer(self.hparams.train_path), batch_size=self.hparams.batch_size,
+                            collate_fn=self.collator(), num_workers=self.hparams.num_workers)
+
+    def val_dataloader(self) -> DataLoader | list:
+        if not self.val_rollouts:
+            return []
+        return DataLoader(self.val_rollouts, batch_size=self.hparams.val_batch_size or self.hparams.batch_size,
+                          shuffle=False, collate_fn=self.collator(), num_workers=0)

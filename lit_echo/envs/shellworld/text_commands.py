@@ -1,0 +1,267 @@
+"""Commands that filter text: ``head``, ``tail``, ``grep``, ``wc``, ``sort``, ``uniq``, ``cut``, ``echo``.
+
+Supported options (GNU semantics, ``LC_ALL=C``):
+
+* ``head``/``tail``: ``-n N`` (also ``-N``), ``head -n -N`` (all but the last N), ``tail -n +N`` (from line N);
+  ``==> name <==`` headers for several files.
+* ``grep PATTERN [FILE...]``: ``-c -i -v -n -l -o -w -x``; the pattern is a POSIX *basic* regular expression
+  (``. * ^ $ [...]``, ``\\( \\) \\| \\+ \\?``), ``-E`` extended, ``-F`` fixed string. Several files prefix each line
+  with ``name:``.
+* ``wc``: ``-l -w -c``; counts right-aligned like GNU wc (width 1 for a single count of a single input, else the
+  digits of the inputs' total size, at least 7 when reading a pipe), separated by spaces, then the name.
+* ``sort``: ``-n -r -u -k N[,M] -t SEP``; ties broken by whole-line byte order, as GNU sort does.
+* ``uniq``: ``-c`` (``%7d %s``), ``-d``, ``-u``.  ``cut``: ``-d SEP -f LIST`` and ``-c LIST``.  ``echo``: ``-n``.
+"""
+
+from __future__ import annotations
+
+import re
+from functools import cmp_to_key
+from typing import TYPE_CHECKING
+
+from lit_echo.envs.shellworld.options import (CommandError, Output, join_lines, numeric_shorthand, parse_count,
+                                              parse_options, read_inputs, split_lines, usage_error)
+
+if TYPE_CHECKING:
+    from lit_echo.envs.shellworld.shell import Shell
+
+
+def _with_headers(inputs: list[tuple[str, str]], body, several: bool) -> str:
+    parts = []
+    for name, text in inputs:
+        lines = body(split_lines(text))
+        header = f"==> {name or 'standard input'} <==\n" if several else ""
+        parts.append(header + join_lines(lines))
+    return "\n".join(parts)
+
+
+def head(shell: "Shell", args: list[str], stdin: str | None) -> Output:
+    opts, operands = parse_options("head", numeric_shorthand(args), valued="n")
+    n = parse_count("head", str(opts.get("n", "10")))
+    inputs, err = read_inputs(shell, operands, stdin, lambda p, r: f"head: cannot open '{p}' for reading: {r}\n")
+    body = (lambda lines: lines[:n]) if n >= 0 else (lambda lines: lines[:max(len(lines) + n, 0)])
+    return _with_headers(inputs, body, len(operands) > 1), err
+
+
+def tail(shell: "Shell", args: list[str], stdin: str | None) -> Output:
+    opts, operands = parse_options("tail", numeric_shorthand(args), valued="n")
+    value = str(opts.get("n", "10"))
+    n = abs(parse_count("tail", value))
+    inputs, err = read_inputs(shell, operands, stdin, lambda p, r: f"tail: cannot open '{p}' for reading: {r}\n")
+    body = (lambda lines: lines[max(n - 1, 0):]) if value.startswith("+") else (lambda lines: lines[-n:] if n else [])
+    return _with_headers(inputs, body, len(operands) > 1), err
+
+
+def _posix_classes(bracket: str) -> str:
+    classes = {"digit": r"\d", "alpha": "a-zA-Z", "alnum": "a-zA-Z0-9", "upper": "A-Z", "lower": "a-z",
+               "space": r"\s", "punct": r"!-/:-@\[-`{-~"}
+    bracket = bracket.replace("\\", "\\\\")
+    return re.sub(r"\[:(\w+):\]", lambda m: classes.get(m.group(1), m.group(0)), bracket)
+
+
+def _bracket_end(pattern: str, start: int) -> int:
+    """Index just past the bracket expression that opens at ``start`` (POSIX: a leading ``]`` is literal)."""
+    j = start + 1
+    if j < len(pattern) and pattern[j] == "^":
+        j += 1
+    if j < len(pattern) and pattern[j] == "]":
+        j += 1
+    while j < len(pattern) and pattern[j] != "]":
+        j = pattern.index(":]", j) + 2 if pattern.startswith("[:", j) and ":]" in pattern[j:] else j + 1
+    if j >= len(pattern):
+        raise CommandError("grep: Unmatched [, [^, [:, [., or [=\n")
+    return j + 1
+
+
+def _to_python_regex(pattern: str, extended: bool) -> str:
+    """Translate a POSIX basic (or extended) regular expression into Python ``re`` syntax."""
+    out, i = [], 0
+    special = "+?|(){}"
+    while i < len(pattern):
+        c = pattern[i]
+        if c == "\\" and i + 1 < len(pattern):
+            nxt = pattern[i + 1]
+            out.append(nxt if (nxt in special and not extended) else "\\" + nxt)
+            i += 2
+        elif c == "[":
+            end = _bracket_end(pattern, i)
+            out.append(_posix_classes(pattern[i:end]))
+            i = end
+        elif c == "*" and (not out or out[-1] in ("^", "(")):
+            out.append(r"\*")  # a leading star is literal in POSIX regular expressions
+            i += 1
+        else:
+            out.append("\\" + c if (c in special and not extended) else c)
+            i += 1
+    return "".join(out)
+
+
+def grep(shell: "Shell", args: list[str], stdin: str | None) -> Output:
+    opts, operands = parse_options("grep", args, flags="civnlowxEF", valued="e")
+    if "e" in opts:
+        pattern = str(opts["e"])
+    elif operands:
+        pattern, operands = operands[0], operands[1:]
+    else:
+        raise CommandError("Usage: grep [OPTION]... PATTERNS [FILE]...\nTry 'grep --help' for more information.\n")
+    regex = re.escape(pattern) if opts.get("F") else _to_python_regex(pattern, bool(opts.get("E")))
+    if opts.get("w"):
+        regex = rf"(?<!\w)(?:{regex})(?!\w)"
+    if opts.get("x"):
+        regex = rf"^(?:{regex})$"
+    try:
+        compiled = re.compile(regex, re.IGNORECASE if opts.get("i") else 0)
+    except re.error:
+        raise CommandError("grep: Invalid regular expression\n") from None
+    inputs, err = read_inputs(shell, operands, stdin, lambda p, r: f"grep: {p}: {r}\n")
+    several = len(operands) > 1
+    out: list[str] = []
+    for name, text in inputs:
+        prefix = f"{name or '(standard input)'}:" if several else ""
+        hits = [(n, line) for n, line in enumerate(split_lines(text), 1)
+                if bool(compiled.search(line)) != bool(opts.get("v"))]
+        if opts.get("l"):
+            out += [name or "(standard input)"] if hits else []
+        elif opts.get("c"):
+            out.append(f"{prefix}{len(hits)}")
+        else:
+            for n, line in hits:
+                number = f"{n}:" if opts.get("n") else ""
+                pieces = [m.group(0) for m in compiled.finditer(line) if m.group(0)] if opts.get("o") else [line]
+                out += [prefix + number + piece for piece in pieces]
+    return join_lines(out), err
+
+
+def wc(shell: "Shell", args: list[str], stdin: str | None) -> Output:
+    opts, operands = parse_options("wc", args, flags="lwc")
+    which = [k for k in "lwc" if opts.get(k)] or ["l", "w", "c"]
+    inputs, err = read_inputs(shell, operands, stdin, lambda p, r: f"wc: {p}: {r}\n")
+    rows = [([{"l": text.count("\n"), "w": len(text.split()), "c": len(text.encode())}[k] for k in which], name)
+            for name, text in inputs]
+    if len(operands) > 1:
+        rows.append(([sum(r[0][i] for r in rows) for i in range(len(which))], "total"))
+    if len(inputs) == 1 and len(operands) <= 1 and len(which) == 1:
+        width = 1
+    else:
+        total_size = sum(len(text.encode()) for name, text in inputs if name)
+        width = max(len(str(total_size)), 7 if any(not name for name, _ in inputs) else 1)
+    lines = [" ".join(f"{c:>{width}}" for c in counts) + (f" {name}" if name else "") for counts, name in rows]
+    return join_lines(lines), err
+
+
+def _numeric_prefix(text: str) -> float:
+    match = re.match(r"\s*(-?\d*\.?\d+)", text)
+    return float(match.group(1)) if match else 0.0
+
+
+def _sort_key_fn(opts: dict):
+    separator = opts.get("t")
+    if isinstance(separator, str) and len(separator) != 1:
+        raise CommandError("sort: multi-character tab '" + separator + "'\n")
+    spec = opts.get("k")
+    if not isinstance(spec, str):
+        return lambda line: line
+    match = re.fullmatch(r"(\d+)(?:\.\d+)?([bnr]*)(?:,(\d+)(?:\.\d+)?([bnr]*))?", spec)
+    if not match or int(match.group(1)) == 0:
+        raise CommandError(f"sort: invalid number at field start: invalid count at start of '{spec}'\n")
+    for letter in (match.group(2) or "") + (match.group(4) or ""):
+        opts[letter] = True
+    first = int(match.group(1)) - 1
+    last = int(match.group(3)) if match.group(3) else None
+
+    def key(line: str) -> str:
+        if isinstance(separator, str):
+            return separator.join(line.split(separator)[first:last])
+        return "".join(re.findall(r"\s*\S+", line)[first:last])  # GNU: a field keeps its leading blanks
+
+    return key
+
+
+def sort(shell: "Shell", args: list[str], stdin: str | None) -> Output:
+    opts, operands = parse_options("sort", args, flags="nru", valued="kt")
+    key = _sort_key_fn(opts)
+    inputs, err = read_inputs(shell, operands, stdin, lambda p, r: f"sort: cannot read: {p}: {r}\n")
+    if err:
+        return "", err
+    lines = [line for _, text in inputs for line in split_lines(text)]
+
+    def compare_keys(a: str, b: str) -> int:
+        ka, kb = key(a), key(b)
+        if opts.get("n"):
+            ka, kb = _numeric_prefix(ka), _numeric_prefix(kb)  # type: ignore[assignment]
+        return (ka > kb) - (ka < kb)
+
+    def compare(a: str, b: str) -> int:
+        result = compare_keys(a, b) or (0 if opts.get("u") else (a > b) - (a < b))
+        return -result if opts.get("r") else result
+
+    lines.sort(key=cmp_to_key(compare))
+    if opts.get("u"):
+        lines = [line for i, line in enumerate(lines) if i == 0 or compare_keys(lines[i - 1], line) != 0]
+    return join_lines(lines), ""
+
+
+def uniq(shell: "Shell", args: list[str], stdin: str | None) -> Output:
+    opts, operands = parse_options("uniq", args, flags="cdu")
+    if len(operands) > 1:
+        raise usage_error("uniq", f"extra operand '{operands[1]}'")
+    inputs, err = read_inputs(shell, operands, stdin, lambda p, r: f"uniq: {p}: {r}\n")
+    groups: list[list] = []
+    for _, text in inputs:
+        for line in split_lines(text):
+            if groups and groups[-1][0] == line:
+                groups[-1][1] += 1
+            else:
+                groups.append([line, 1])
+    if opts.get("d"):
+        groups = [g for g in groups if g[1] > 1]
+    if opts.get("u"):
+        groups = [g for g in groups if g[1] == 1]
+    lines = [f"{count:7d} {line}" if opts.get("c") else line for line, count in groups]
+    return join_lines(lines), err
+
+
+def _cut_list(spec: str) -> list[tuple[int, int]]:
+    ranges = []
+    for item in spec.split(","):
+        match = re.fullmatch(r"(\d*)(-?)(\d*)", item)
+        if not match or not (match.group(1) or match.group(3)):
+            raise usage_error("cut", f"invalid field range '{item}'" if match else f"invalid field value '{item}'")
+        lo = int(match.group(1) or 1)
+        hi = int(match.group(3)) if match.group(3) else (1 << 30 if match.group(2) else lo)
+        if lo == 0 or hi == 0:
+            raise usage_error("cut", "fields are numbered from 1")
+        ranges.append((lo, hi))
+    return ranges
+
+
+def cut(shell: "Shell", args: list[str], stdin: str | None) -> Output:
+    opts, operands = parse_options("cut", args, valued="dfc")
+    if "f" not in opts and "c" not in opts:
+        raise usage_error("cut", "you must specify a list of bytes, characters, or fields")
+    delimiter = str(opts.get("d", "\t"))
+    if len(delimiter) != 1:
+        raise usage_error("cut", "the delimiter must be a single character")
+    ranges = _cut_list(str(opts.get("f") or opts.get("c")))
+
+    def chosen(n: int) -> bool:
+        return any(lo <= n <= hi for lo, hi in ranges)
+
+    inputs, err = read_inputs(shell, operands, stdin, lambda p, r: f"cut: {p}: {r}\n")
+    out = []
+    for _, text in inputs:
+        for line in split_lines(text):
+            if "c" in opts:
+                out.append("".join(ch for n, ch in enumerate(line, 1) if chosen(n)))
+            elif delimiter not in line:
+                out.append(line)  # GNU prints lines without the delimiter whole (no -s)
+            else:
+                fields = line.split(delimiter)
+                out.append(delimiter.join(f for n, f in enumerate(fields, 1) if chosen(n)))
+    return join_lines(out), err
+
+
+def echo(shell: "Shell", args: list[str], stdin: str | None) -> Output:
+    if args and args[0] == "-n":
+        return " ".join(args[1:]), ""
+    return " ".join(args) + "\n", ""

@@ -1,0 +1,352 @@
+"""Model building: a Hugging Face causal LM with LoRA adapters (peft), optionally quantized (bitsandbytes).
+
+Everything the LightningModule needs from the model lives here, with no Lightning import:
+
+- :func:`build_model` / :func:`load_tokenizer`: load a checkpoint (built-in name, local directory or hub id),
+  quantize it to 4 or 8 bit on request (QLoRA) and wrap it in LoRA adapters.
+- :func:`hidden_states` / :func:`output_head`: run the transformer body once and hand back the final hidden states
+  ``[B, T, H]`` and the ``lm_head``, so the loss can compute log-probs in chunks instead of materialising full
+  ``[B, T, V]`` logits.
+- :func:`adapters_disabled`: the KL reference policy is the same model with its adapters switched off (method.md §3),
+  so no second copy of the weights sits in memory.
+- :func:`export_adapter`, :func:`trainable_parameters`, :func:`parameter_summary`.
+
+bitsandbytes 4-bit on CPU has a bug that an RL loop (generate, then train, repeatedly) hits every step; see
+:func:`disable_cpu_inference_repacking`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import warnings
+from pathlib import Path
+from typing import TYPE_CHECKING, Iterator, Literal
+
+import torch
+from torch import nn
+
+if TYPE_CHECKING:  # heavy imports stay lazy so ``import lit_echo`` is cheap
+    from peft import PeftModel
+    from transformers import PreTrainedTokenizerBase
+
+Quantization = Literal["none", "4bit", "8bit"]
+DType = Literal["auto", "float32", "bfloat16", "float16"]
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# Config attributes that make ``logits != lm_head(hidden)`` (logit soft-capping in Gemma 2, a logit scale in
+# Cohere). The chunked log-prob in the loss applies only ``lm_head``, so such models would silently train on
+# different log-probs than they sample from; refuse them instead.
+_LOGIT_TRANSFORM_ATTRS = ("final_logit_softcapping", "logit_scale", "output_multiplier_scale")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------------------------------------------
+
+def resolve_model_path(model_name_or_path: str, cache_dir: str | None = None) -> str:
+    """Turn a model name into something ``from_pretrained`` accepts.
+
+    An existing local directory is used as is (so tests and offline users never need the name registry);
+    anything else goes through :func:`lit_echo.pretrained.resolve_checkpoint` (built-in names such as
+    ``"smollm2-135m-instruct"`` become a local directory, other strings are treated as hub ids).
+    """
+    if Path(model_name_or_path).is_dir():
+        return str(model_name_or_path)
+    from lit_echo.pretrained import resolve_checkpoint
+
+    return str(resolve_checkpoint(model_name_or_path, cache_dir=cache_dir))
+
+
+def load_tokenizer(model_name_or_path: str, *, cache_dir: str | None = None,
+                   trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
+    """Load the tokenizer of a checkpoint, padding on the right, with a pad token (the EOS token if it has none).
+
+    Right padding keeps a rollout's tokens at fixed positions from 0, which the token-role masks rely on.
+    """
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(model_name_or_path, cache_dir),
+                                              trust_remote_code=trust_remote_code)
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise ValueError(f"tokenizer of {model_name_or_path!r} has neither a pad nor an eos token; "
+                             "set tokenizer.pad_token before building batches")
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "right"
+    return tokenizer
+
+
+def _check_choice(name: str, value: str, choices) -> None:
+    if value not in choices:
+        raise ValueError(f"{name}={value!r} is not supported; expected one of {sorted(choices)}")
+
+
+def _quantization_config(quantization: str):
+    """A ``BitsAndBytesConfig`` for QLoRA (nf4, double quantization, bf16 compute) or 8-bit loading."""
+    try:
+        import bitsandbytes  # noqa: F401  (imported only to fail early with a clear message)
+    except Exception as exc:  # ImportError, or a broken native library raising at import
+        raise RuntimeError(
+            f"quantization={quantization!r} needs a working bitsandbytes ({type(exc).__name__}: {exc}). "
+            "Install it with `pip install bitsandbytes`, or set quantization: none in the model config."
+        ) from exc
+    from transformers import BitsAndBytesConfig
+
+    if quantization == "4bit":
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                  bnb_4bit_compute_dtype=torch.bfloat16)
+    return BitsAndBytesConfig(load_in_8bit=True)
+
+
+def build_model(
+    model_name_or_path: str,
+    *,
+    lora_rank: int = 16,
+    lora_alpha: int = 32,
+    lora_dropout: float = 0.0,
+    lora_target_modules: list[str] | str = "all-linear",
+    quantization: Quantization = "none",
+    dtype: DType = "auto",
+    gradient_checkpointing: bool = False,
+    device_map: str | None = None,
+    trust_remote_code: bool = False,
+    cache_dir: str | None = None,
+) -> PeftModel:
+    """Load a causal LM, optionally quantize it, and wrap it in trainable LoRA adapters.
+
+    Args:
+        model_name_or_path: a built-in name (see :mod:`lit_echo.pretrained`), a local ``save_pretrained``
+            directory, or a hub id.
+        lora_rank: LoRA rank r.
+        lora_alpha: LoRA scaling numerator; the update is scaled by ``lora_alpha / lora_rank``.
+        lora_dropout: dropout on the LoRA input path (0 keeps the policy deterministic given the weights).
+        lora_target_modules: module names to adapt, or ``"all-linear"`` for every linear layer except the
+            output head (peft's rule).
+        quantization: ``"none"``, ``"4bit"`` (QLoRA: nf4, double quantization, bf16 compute) or ``"8bit"``.
+        dtype: dtype of the non-quantized weights; ``"auto"`` keeps the checkpoint's dtype.
+        gradient_checkpointing: recompute decoder-layer activations in backward (non-reentrant) to save memory.
+        device_map: passed to ``from_pretrained``. ``None`` loads on CPU and lets the caller (Lightning) move the
+            model, except for quantized models, which bitsandbytes places at load time: the current GPU if there
+            is one, else ``"cpu"``.
+        trust_remote_code: passed to ``from_pretrained``.
+        cache_dir: where built-in names are materialised (see :func:`resolve_model_path`).
+
+    Returns:
+        A ``peft.PeftModel`` whose only trainable parameters are the LoRA matrices.
+    """
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM
+
+    _check_choice("quantization", quantization, ("none", "4bit", "8bit"))
+    _check_choice("dtype", dtype, ("auto", *_DTYPES))
+
+    kwargs: dict = {"dtype": "auto" if dtype == "auto" else _DTYPES[dtype], "trust_remote_code": trust_remote_code}
+    if quantization != "none":
+        kwargs["quantization_config"] = _quantization_config(quantization)
+        if device_map is None:
+            device_map = {"": torch.cuda.current_device()} if torch.cuda.is_available() else "cpu"
+    if device_map is not None:
+        kwargs["device_map"] = device_map
+    model = AutoModelForCausalLM.from_pretrained(resolve_model_path(model_name_or_path, cache_dir), **kwargs)
+    _check_plain_output_head(model)
+
+    if quantization == "4bit":
+        disable_cpu_inference_repacking(model)
+    if quantization != "none":
+        # Freezes the base weights and upcasts norms/head to fp32 for stable training. Checkpointing is switched
+        # on below for every model the same way, so it is not requested here.
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    if gradient_checkpointing:
+        _enable_gradient_checkpointing(model)
+
+    lora = LoraConfig(r=lora_rank, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
+                      target_modules=lora_target_modules, bias="none", task_type="CAUSAL_LM")
+    return get_peft_model(model, lora)
+
+
+def _enable_gradient_checkpointing(model: nn.Module) -> None:
+    """Non-reentrant activation checkpointing on every decoder layer.
+
+    Non-reentrant checkpointing propagates gradients to LoRA weights inside a checkpointed layer even when the
+    layer's input does not require grad (frozen embeddings); the input-grad hook is added anyway because older
+    transformers versions and reentrant checkpointing need it, and it costs nothing.
+    """
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x name
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    model.enable_input_require_grads()
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The bitsandbytes 4-bit CPU guard
+# --------------------------------------------------------------------------------------------------------------
+
+def disable_cpu_inference_repacking(model: nn.Module) -> int:
+    """Stop bitsandbytes from repacking 4-bit CPU weights for inference; return the number of layers guarded.
+
+    Why: ``bnb.nn.Linear4bit.forward`` (bitsandbytes 0.48+) converts its weight *in place* to an AVX512-BF16
+    "packed" layout the first time it runs on CPU in eval mode with an input that does not require grad
+    (``generate``, a ``no_grad`` forward, validation). The layer stays packed, and packed layers take
+    ``F.gemv_4bit``, an inference kernel outside autograd: afterwards a training forward either raises
+    "a view of a leaf Variable that requires grad is being used in an in-place operation" (layers with a bias,
+    e.g. Qwen2's q/k/v) or silently cuts the graph so most LoRA parameters get no gradient (Llama). An online
+    RL loop alternates generation and training, so it would hit this on every step. The repacking is gated by
+    the per-layer flag ``support_avx512bf16_for_cpu`` (set from the CPU's capabilities at construction);
+    turning it off keeps the ordinary dequantize-and-matmul path, whose gradients are bit-identical.
+
+    Layer sizes that are not multiples of 64 make the repacking itself fail (a reshape error inside
+    ``generate``); with the guard they never reach it and run like any other size.
+
+    :func:`build_model` calls this right after loading, before any forward, which gives bit-identical gradients.
+    Layers already repacked (a model that ran inference before this call) are converted back with bitsandbytes'
+    own inverse; that conversion re-quantizes the double-quantized scales, so such a model trains correctly but
+    with weights that differ slightly (about 1% in gradients on the tiny test models) from the loaded ones.
+    """
+    try:
+        import bitsandbytes as bnb
+        from bitsandbytes import functional as bnb_functional
+    except Exception:  # no usable bitsandbytes: there can be no Linear4bit layers either
+        return 0
+
+    flag = "support_avx512bf16_for_cpu"
+    has_repacking = hasattr(bnb_functional, "_convert_weight_packed_for_cpu")
+    guarded = 0
+    for name, module in model.named_modules():
+        if not isinstance(module, bnb.nn.Linear4bit):
+            continue
+        if not hasattr(module, flag):
+            if has_repacking:
+                # A bitsandbytes that repacks but names the switch differently: the guard would be a no-op.
+                warnings.warn(f"bitsandbytes {bnb.__version__}: {name} has no `{flag}` attribute, so 4-bit CPU "
+                              "inference repacking cannot be disabled; training after generation may get no "
+                              "LoRA gradients. Pin bitsandbytes to a tested version (0.50.2).", stacklevel=2)
+            continue
+        setattr(module, flag, False)
+        state = getattr(module.weight, "quant_state", None)
+        if state is not None and getattr(state, "packing_format_for_cpu", False):
+            module.weight.data, module.weight.quant_state = bnb_functional._convert_weight_packed_for_cpu_inverse(
+                module.weight.data, state)
+        guarded += 1
+    return guarded
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Forward pieces for the chunked log-prob
+# --------------------------------------------------------------------------------------------------------------
+
+def _causal_lm(model: nn.Module) -> nn.Module:
+    """The ``*ForCausalLM`` module inside a peft wrapper (or the model itself when it is not wrapped)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def _check_plain_output_head(causal_lm: nn.Module) -> None:
+    config = causal_lm.config.get_text_config() if hasattr(causal_lm.config, "get_text_config") else causal_lm.config
+    for attr in _LOGIT_TRANSFORM_ATTRS:
+        value = getattr(config, attr, None)
+        if value not in (None, 1, 1.0):
+            raise NotImplementedError(
+                f"{type(causal_lm).__name__} transforms its logits ({attr}={value}), so logits != lm_head(hidden); "
+                "lit_echo's chunked log-prob applies only lm_head and does not support this model")
+
+
+def decoder(model: nn.Module) -> nn.Module:
+    """The transformer body (embeddings, decoder layers, final norm) of a possibly peft-wrapped causal LM.
+
+    LoRA layers are injected into this same module tree, so calling it runs the adapters (and respects
+    :func:`adapters_disabled` and gradient checkpointing) exactly like the full model's forward does.
+    """
+    causal_lm = _causal_lm(model)
+    body = causal_lm.get_decoder() if hasattr(causal_lm, "get_decoder") else None
+    if body is None or body is causal_lm:
+        body = getattr(causal_lm, "model", None)
+    if body is None:
+        raise TypeError(f"cannot find the decoder of {type(causal_lm).__name__}: expected get_decoder() or .model")
+    return body
+
+
+def output_head(model: nn.Module) -> nn.Linear:
+    """The ``lm_head`` projection ``[.., H] -> [.., V]`` (weight possibly tied to the input embeddings)."""
+    causal_lm = _causal_lm(model)
+    head = causal_lm.get_output_embeddings()
+    if not isinstance(head, nn.Linear):
+        raise TypeError(f"{type(causal_lm).__name__}.get_output_embeddings() is {type(head).__name__}, "
+                        "expected an nn.Linear lm_head")
+    return head
+
+
+def hidden_states(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+                  ) -> torch.Tensor:
+    """Final hidden states ``[B, T, H]`` (after the final norm) from one decoder pass, without computing logits.
+
+    ``output_head(model)(hidden_states(model, ids, mask))`` equals ``model(ids, attention_mask=mask).logits``.
+
+    Args:
+        input_ids: ``[B, T]`` token ids.
+        attention_mask: ``[B, T]``, 1 for real tokens, 0 for padding (right padding).
+    """
+    out = decoder(model)(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+
+
+def lm_backbone_and_head(model: nn.Module) -> tuple[nn.Module, nn.Linear]:
+    """``(decoder(model), output_head(model))`` for callers that want both modules."""
+    return decoder(model), output_head(model)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Adapters
+# --------------------------------------------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def adapters_disabled(model: PeftModel) -> Iterator[PeftModel]:
+    """Run ``model`` as its base model inside the block (the KL reference policy of method.md §3).
+
+    Uses peft's ``disable_adapter()``, which bypasses the LoRA layers in place: no second copy of the weights.
+    Wrap the block in ``torch.no_grad()`` yourself when computing reference log-probs.
+    """
+    if not hasattr(model, "disable_adapter"):
+        raise TypeError(f"adapters_disabled needs a peft.PeftModel, got {type(model).__name__}")
+    with model.disable_adapter():
+        yield model
+
+
+def trainable_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    """``(name, parameter)`` for every parameter that requires grad (the LoRA matrices after build_model)."""
+    return [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+
+
+def _numel(param: torch.Tensor) -> int:
+    # A bitsandbytes 4-bit weight stores two 4-bit values per byte of its storage dtype.
+    if type(param).__name__ == "Params4bit":
+        return param.numel() * 2 * param.element_size()
+    return param.numel()
+
+
+def parameter_counts(model: nn.Module) -> tuple[int, int]:
+    """``(trainable, total)`` parameter counts; 4-bit weights count their unpacked size."""
+    trainable = total = 0
+    for p in model.parameters():
+        n = _numel(p)
+        total += n
+        if p.requires_grad:
+            trainable += n
+    return trainable, total
+
+
+def parameter_summary(model: nn.Module) -> str:
+    """One line, e.g. ``"trainable params: 1,228,800 / 136,744,128 (0.90%)"``."""
+    trainable, total = parameter_counts(model)
+    return f"trainable params: {trainable:,} / {total:,} ({100 * trainable / max(total, 1):.2f}%)"
+
+
+def export_adapter(model: PeftModel, path: str | os.PathLike) -> Path:
+    """Save only the LoRA adapter (peft format: ``adapter_config.json`` + ``adapter_model.safetensors``).
+
+    Reload with ``PeftModel.from_pretrained(base_model, path)`` on a freshly loaded base model.
+    """
+    path = Path(path)
+    model.save_pretrained(path)
+    return path

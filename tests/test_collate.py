@@ -1,0 +1,49 @@
+import math
+
+import pytest
+import torch
+
+from lit_echo import Role, Rollout
+from lit_echo.data.buffer import BufferItem
+from lit_echo.data.collate import RolloutCollator
+
+
+def _r(n, adv=None, logprobs=True, reward=0.0):
+    roles = [Role.CONTEXT, Role.CONTEXT] + [Role.ACTION, Role.OBSERVATION] * ((n - 2) // 2) + [Role.WARNING] * (n % 2)
+    lps = [None if r != Role.ACTION else -0.5 for r in roles] if logprobs else None
+    return Rollout(input_ids=list(range(10, 10 + n)), roles=[int(r) for r in roles], logprobs=lps,
+                   advantage=adv, reward=reward, group_id=f"g{n}", policy_version=n)
+
+
+def test_right_padding_masks_and_nan_logprobs():
+    batch = RolloutCollator(pad_token_id=0)([BufferItem(_r(6, 1.5), 2), _r(3, None, logprobs=False, reward=1.0)])
+    assert batch["input_ids"].tolist() == [[10, 11, 12, 13, 14, 15], [10, 11, 12, 0, 0, 0]]
+    assert batch["attention_mask"].tolist() == [[1] * 6, [1, 1, 1, 0, 0, 0]]
+    assert batch["roles"].tolist() == [[0, 0, 1, 2, 1, 2], [0, 0, 3, 0, 0, 0]]
+    lp = batch["old_logprobs"]
+    assert lp[0, 2].item() == -0.5 and lp[0, 4].item() == -0.5
+    assert math.isnan(lp[0, 0].item()) and torch.isnan(lp[1]).all()
+    assert batch["advantages"].tolist() == [1.5, 0.0] and batch["rewards"].tolist() == [0.0, 1.0]
+    assert batch["policy_version"].tolist() == [6, 3] and batch["group_ids"] == ["g6", "g3"]
+    assert batch["num_skipped"] == 2 and batch["num_truncated"] == 0
+
+
+def test_right_truncation_keeps_prefix_and_counts():
+    batch = RolloutCollator(0, max_length=4)([_r(6), _r(3), _r(8)])
+    assert batch["input_ids"].shape == (3, 4) and batch["num_truncated"] == 2
+    assert batch["input_ids"][2].tolist() == [10, 11, 12, 13]
+    assert batch["roles"][0].tolist() == [0, 0, 1, 2]
+
+
+def test_drop_policy():
+    batch = RolloutCollator(0, max_length=4, truncation="drop")([_r(6), _r(3), _r(4)])
+    assert batch["input_ids"].tolist() == [[10, 11, 12, 0], [10, 11, 12, 13]] and batch["num_truncated"] == 1
+    only_long = RolloutCollator(0, max_length=4, truncation="drop")([_r(6), _r(8)])
+    assert only_long["input_ids"].tolist() == [[10, 11, 12, 13]] and only_long["num_truncated"] == 2
+
+
+def test_bad_settings():
+    with pytest.raises(ValueError, match="truncation"):
+        RolloutCollator(0, truncation="left")
+    with pytest.raises(ValueError, match="max_length"):
+        RolloutCollator(0, max_length=1)
