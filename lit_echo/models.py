@@ -162,7 +162,10 @@ def build_model(
 
     lora = LoraConfig(r=lora_rank, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
                       target_modules=lora_target_modules, bias="none", task_type="CAUSAL_LM")
-    return get_peft_model(model, lora)
+    with warnings.catch_warnings():
+        # peft reads the deprecated `is_gradient_checkpointing` alias of newer transformers; not actionable here.
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        return get_peft_model(model, lora)
 
 
 def _enable_gradient_checkpointing(model: nn.Module) -> None:
