@@ -1,9 +1,9 @@
 """Commands that walk the tree: ``ls``, ``cd``, ``pwd``, ``cat``, ``find``.
 
 ``ls`` prints one name per line (its output is not a terminal, as with ``ls | cat``), sorted like ``LC_ALL=C ls``;
-options ``-l -a -1 -h -r -S``. ``find`` lists depth-first in ``LC_ALL=C`` name order (GNU find uses directory order,
-which a simulated tree does not have) and supports ``-name``, ``-iname``, ``-type f|d``, ``-maxdepth``,
-``-mindepth``.
+options ``-l -a -1 -h -r -S -d -R``. ``find`` lists depth-first in ``LC_ALL=C`` name order (GNU find uses
+directory order, which a simulated tree does not have) and supports ``-name``, ``-iname``, ``-type f|d``,
+``-maxdepth``, ``-mindepth``.
 """
 
 from __future__ import annotations
@@ -57,8 +57,23 @@ def _render(shell: "Shell", entries: list[tuple[str, Stat]], opts: dict, total: 
     return head + _long_lines(shell, entries, bool(opts.get("h")))
 
 
+def _dir_blocks(shell: "Shell", path: str, parts: tuple[str, ...], opts: dict, header: bool) -> list[list[str]]:
+    """The listing of one directory, and with ``-R`` those of its subdirectories after it."""
+    node = shell.fs.node(parts)
+    entries = [(name, shell.fs.stat(parts + (name,))) for name in node if opts.get("a") or not name.startswith(".")]
+    if opts.get("a"):
+        entries += [(".", shell.fs.stat(parts)), ("..", shell.fs.stat(parts[:-1]))]
+    blocks = [([f"{path}:"] if header else []) + _render(shell, entries, opts, total=True)]
+    if opts.get("R"):
+        for name, st in _order(entries, opts):
+            if st.is_dir and name not in (".", ".."):
+                child = f"{path.rstrip('/') or '/'}/{name}".replace("//", "/")
+                blocks += _dir_blocks(shell, child, parts + (name,), opts, header=True)
+    return blocks
+
+
 def ls(shell: "Shell", args: list[str], stdin: str | None) -> Output:
-    opts, operands = parse_options("ls", args, flags="la1hrS")
+    opts, operands = parse_options("ls", args, flags="la1hrSdR")
     operands = operands or ["."]
     err, files, dirs = "", [], []
     for path in sorted(operands):
@@ -67,20 +82,12 @@ def ls(shell: "Shell", args: list[str], stdin: str | None) -> Output:
         except PathError as e:
             err += f"ls: cannot access '{path}': {e.reason}\n"
             continue
-        (dirs if isinstance(node, dict) else files).append((path, parts))
+        (dirs if isinstance(node, dict) and not opts.get("d") else files).append((path, parts))
     blocks: list[list[str]] = []
     if files:
         blocks.append(_render(shell, [(p, shell.fs.stat(parts)) for p, parts in files], opts, total=False))
     for path, parts in dirs:
-        node = shell.fs.node(parts)
-        entries = [(name, shell.fs.stat(parts + (name,))) for name in node
-                   if opts.get("a") or not name.startswith(".")]
-        if opts.get("a"):
-            entries += [(".", shell.fs.stat(parts)), ("..", shell.fs.stat(parts[:-1]))]
-        lines = _render(shell, entries, opts, total=True)
-        if len(operands) > 1:
-            lines = [f"{path}:"] + lines
-        blocks.append(lines)
+        blocks += _dir_blocks(shell, path, parts, opts, header=len(operands) > 1 or bool(opts.get("R")))
     out = "\n".join("".join(line + "\n" for line in block) for block in blocks)
     return out, err
 

@@ -100,5 +100,6 @@ def parse_count(cmd: str, value: str, what: str = "number of lines") -> int:
 
 
 def numeric_shorthand(args: list[str]) -> list[str]:
-    """``head -5`` is ``head -n 5`` (also ``-n`` forms are passed through unchanged)."""
-    return ["-n" + a[1:] if len(a) > 1 and a[0] == "-" and a[1:].isdigit() else a for a in args]
+    """``head -5`` is ``head -n 5``; the value of a preceding ``-n`` (``-n -5``) is left alone."""
+    return ["-n" + a[1:] if a[:1] == "-" and a[1:].isdigit() and (i == 0 or args[i - 1] != "-n") else a
+            for i, a in enumerate(args)]

@@ -145,7 +145,7 @@ TASK_BUILDERS: dict[str, Callable[[random.Random, World], Task]] = {
 
 
 def _normalize(answer: str) -> str:
-    answer = " ".join(answer.split()).strip().strip("`'\"").rstrip(".").strip()
+    answer = " ".join(answer.split()).rstrip(".").strip("`'\"").strip()
     return answer.lower()
 
 

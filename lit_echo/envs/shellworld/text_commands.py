@@ -4,9 +4,9 @@ Supported options (GNU semantics, ``LC_ALL=C``):
 
 * ``head``/``tail``: ``-n N`` (also ``-N``), ``head -n -N`` (all but the last N), ``tail -n +N`` (from line N);
   ``==> name <==`` headers for several files.
-* ``grep PATTERN [FILE...]``: ``-c -i -v -n -l -o -w -x``; the pattern is a POSIX *basic* regular expression
-  (``. * ^ $ [...]``, ``\\( \\) \\| \\+ \\?``), ``-E`` extended, ``-F`` fixed string. Several files prefix each line
-  with ``name:``.
+* ``grep PATTERN [FILE...]``: ``-c -i -v -n -l -o -w -x -r -h -H``; the pattern is a POSIX *basic* regular expression
+  (``. * ^ $ [...]``, ``\\( \\) \\| \\+ \\?``), ``-E`` extended, ``-F`` fixed string. Several files (or ``-r``) prefix
+  each line with ``name:``; ``-r`` without a path searches ``.`` and names files without ``./``, like GNU grep.
 * ``wc``: ``-l -w -c``; counts right-aligned like GNU wc (width 1 for a single count of a single input, else the
   digits of the inputs' total size, at least 7 when reading a pipe), separated by spaces, then the name.
 * ``sort``: ``-n -r -u -k N[,M] -t SEP``; ties broken by whole-line byte order, as GNU sort does.
@@ -19,6 +19,7 @@ import re
 from functools import cmp_to_key
 from typing import TYPE_CHECKING
 
+from lit_echo.envs.shellworld.filesystem import PathError
 from lit_echo.envs.shellworld.options import (CommandError, Output, join_lines, numeric_shorthand, parse_count,
                                               parse_options, read_inputs, split_lines, usage_error)
 
@@ -96,8 +97,21 @@ def _to_python_regex(pattern: str, extended: bool) -> str:
     return "".join(out)
 
 
+def _walk_files(shell: "Shell", path: str, prefix: str | None = None) -> list[str]:
+    """``path`` itself unless it is a directory; then every file below it, sorted, each name starting with
+    ``prefix`` (default ``path/``) (for ``grep -r``)."""
+    try:
+        _, node = shell.fs.lookup(path, shell.cwd)
+    except PathError:
+        return [path]  # reported when read
+    if not isinstance(node, dict):
+        return [path]
+    prefix = path.rstrip("/") + "/" if prefix is None else prefix
+    return [name for child in sorted(node) for name in _walk_files(shell, prefix + child)]
+
+
 def grep(shell: "Shell", args: list[str], stdin: str | None) -> Output:
-    opts, operands = parse_options("grep", args, flags="civnlowxEF", valued="e")
+    opts, operands = parse_options("grep", args, flags="civnlowxEFrhH", valued="e")
     if "e" in opts:
         pattern = str(opts["e"])
     elif operands:
@@ -113,8 +127,11 @@ def grep(shell: "Shell", args: list[str], stdin: str | None) -> Output:
         compiled = re.compile(regex, re.IGNORECASE if opts.get("i") else 0)
     except re.error:
         raise CommandError("grep: Invalid regular expression\n") from None
+    if opts.get("r"):
+        operands = ([name for path in operands for name in _walk_files(shell, path)] if operands
+                    else _walk_files(shell, ".", prefix=""))
     inputs, err = read_inputs(shell, operands, stdin, lambda p, r: f"grep: {p}: {r}\n")
-    several = len(operands) > 1
+    several = (len(operands) > 1 or bool(opts.get("r")) or bool(opts.get("H"))) and not opts.get("h")
     out: list[str] = []
     for name, text in inputs:
         prefix = f"{name or '(standard input)'}:" if several else ""
