@@ -123,6 +123,8 @@ class RolloutBuffer(IterableDataset):
             "skip" logs it and counts it in ``BufferItem.skipped``.
         grpo_scale_by_std: GRPO (True) or Dr. GRPO (False) for records without an ``advantage``.
         shard: override (index, count) of this reader; default from DDP rank and dataloader worker.
+        skip_batches, batch_size: resume support: the first ``skip_batches`` batches of ``batch_size`` items that a
+            DataLoader over this buffer would deliver (workers deliver batches in turn) are read and dropped.
 
     The DDP rank is read in the process that builds the buffer or starts iterating it (dataloader workers do not
     see the process group), so build it after the process group is up, as Lightning's ``*_dataloader`` hooks do.
@@ -131,7 +133,7 @@ class RolloutBuffer(IterableDataset):
     def __init__(self, paths: str | os.PathLike | Sequence[str | os.PathLike], tokenizer: Any = None, *,
                  shuffle: bool = True, shuffle_buffer: int = 1024, seed: int = 0, repeat: bool = False,
                  on_bad_record: str = "raise", grpo_scale_by_std: bool = True,
-                 shard: tuple[int, int] | None = None):
+                 shard: tuple[int, int] | None = None, skip_batches: int = 0, batch_size: int = 1):
         if on_bad_record not in ("raise", "skip"):
             raise ValueError(f"on_bad_record must be 'raise' or 'skip', got {on_bad_record!r}")
         self.files = expand_paths(paths)
@@ -144,6 +146,8 @@ class RolloutBuffer(IterableDataset):
         self.grpo_scale_by_std = grpo_scale_by_std
         self.shard = shard
         self.epoch = 0
+        self.skip_batches = skip_batches
+        self.batch_size = batch_size
         self.rank_world = _dist_rank() or (0, 1)
 
     def _reader(self) -> tuple[int, int]:
@@ -159,9 +163,17 @@ class RolloutBuffer(IterableDataset):
 
     def __iter__(self) -> Iterator[BufferItem]:
         index, count = self._reader()
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        # Batch b comes from worker b % workers: this worker's share of the batches already trained on.
+        to_skip = max(0, (self.skip_batches - worker + workers - 1) // workers) * self.batch_size
         epoch = self.epoch
         while True:
-            yield from self._epoch(epoch, index, count)
+            for item in self._epoch(epoch, index, count):
+                if to_skip:
+                    to_skip -= 1
+                    continue
+                yield item
             if not self.repeat:
                 return
             epoch += 1

@@ -19,11 +19,13 @@ def load_tokenizer(name_or_path: str):
 
 
 class _EpochLoader(DataLoader):
-    """Advances the buffer's epoch in the main process before workers copy it, so each epoch reshuffles."""
+    """Advances the buffer's epoch in the main process after each iterator is made (workers copy the dataset
+    then), so each epoch reshuffles; a resume skip applies to the first iterator only."""
 
     def __iter__(self):
         iterator = super().__iter__()
         self.dataset.epoch += 1
+        self.dataset.skip_batches = 0
         return iterator
 
 
@@ -56,6 +58,21 @@ class RolloutDataModule(L.LightningDataModule):
         self.save_hyperparameters()
         self._tokenizer: Any = None
         self.val_rollouts: list | None = None
+        self.batches_trained = 0  # training batches delivered to training_step; saved in checkpoints
+
+    # Resuming: the stream is deterministic given the seed, so skipping what was trained on continues it exactly.
+    def state_dict(self) -> dict[str, Any]:
+        return {"batches_trained": self.batches_trained}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.batches_trained = int(state_dict.get("batches_trained", 0))
+
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        # Runs in the main process just before the step that trains on the batch (not at prefetch time).
+        trainer = getattr(self, "trainer", None)
+        if trainer is not None and trainer.training:
+            self.batches_trained += 1
+        return batch
 
     @property
     def tokenizer(self):
@@ -84,7 +101,11 @@ class RolloutDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         if self.hparams.train_path is None:
             raise ValueError("RolloutDataModule.train_path is not set: point it at a .jsonl/.jsonl.gz buffer")
-        return _EpochLoader(self._buffer(self.hparams.train_path), batch_size=self.hparams.batch_size,
+        # Exact resume needs the endless stream (repeat=True, the default); a finite one restarts its epoch.
+        skip = self.batches_trained if self.hparams.repeat else 0
+        buffer = self._buffer(self.hparams.train_path, skip_batches=skip,
+                              batch_size=self.hparams.batch_size)
+        return _EpochLoader(buffer, batch_size=self.hparams.batch_size,
                             collate_fn=self.collator(), num_workers=self.hparams.num_workers)
 
     def val_dataloader(self) -> DataLoader | list:

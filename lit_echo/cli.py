@@ -1,0 +1,28 @@
+"""The ``lit-echo`` command: LightningCLI over :class:`EchoModule` and :class:`RolloutDataModule`.
+
+    lit-echo fit --config configs/tiny.yaml
+    lit-echo fit --config configs/demo.yaml --model.world_coef 0     # action-masking baseline
+    lit-echo fit --config configs/tiny.yaml --print_config
+"""
+
+from __future__ import annotations
+
+from lightning.pytorch.cli import LightningCLI
+
+from lit_echo.data.datamodule import RolloutDataModule
+from lit_echo.module import EchoModule
+
+
+class EchoCLI(LightningCLI):
+    def add_arguments_to_parser(self, parser) -> None:
+        # The data module renders messages records with the model's own tokenizer and chat template.
+        parser.link_arguments("model.model_name_or_path", "data.tokenizer")
+
+
+def main(args: list[str] | None = None) -> EchoCLI:
+    return EchoCLI(EchoModule, RolloutDataModule, save_config_kwargs={"overwrite": True}, args=args,
+                   auto_configure_optimizers=False)
+
+
+if __name__ == "__main__":
+    main()

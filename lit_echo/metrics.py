@@ -1,0 +1,36 @@
+"""World-model evaluation metrics (method.md section 5): NLL and top-1 accuracy on observation tokens.
+
+Pure torch; the head runs chunk by chunk so the full ``[B, T, V]`` logits never exist at once.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+@torch.no_grad()
+def masked_nll_and_accuracy(hidden: torch.Tensor, lm_head: nn.Module, targets: torch.Tensor, mask: torch.Tensor,
+                            chunk_size: int = 256) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Sums over the masked positions of the untempered next-token NLL and of top-1 correctness.
+
+    Args:
+        hidden: [B, T, H] final hidden states at the positions that predict ``targets``.
+        lm_head: maps [N, H] -> [N, V].
+        targets: [B, T] target ids.
+        mask: [B, T] bool, positions to score (e.g. OBSERVATION targets).
+    Returns:
+        (nll_sum, correct_sum, count) as float64 scalars, so callers can sum over batches and ranks before dividing.
+    """
+    flat_hidden = hidden[mask]  # [N, H]
+    flat_targets = targets[mask]  # [N]
+    nll = torch.zeros((), dtype=torch.float64, device=hidden.device)
+    correct = torch.zeros((), dtype=torch.float64, device=hidden.device)
+    for start in range(0, flat_targets.numel(), chunk_size):
+        logits = lm_head(flat_hidden[start:start + chunk_size]).float()  # [n, V]
+        target = flat_targets[start:start + chunk_size]  # [n]
+        logp = torch.log_softmax(logits, dim=-1).gather(1, target[:, None]).squeeze(1)  # [n]
+        nll -= logp.double().sum()
+        correct += (logits.argmax(dim=-1) == target).double().sum()
+    count = torch.tensor(float(flat_targets.numel()), dtype=torch.float64, device=hidden.device)
+    return nll, correct, count
