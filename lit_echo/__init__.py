@@ -1,7 +1,37 @@
-"""lit_echo: ECHO/PaW agent RL for PyTorch Lightning."""
+"""lit_echo: ECHO/PaW agent RL for PyTorch Lightning.
 
-from lit_echo.roles import Role
-from lit_echo.rollout import BadRecordError, Rollout
+The public API is re-exported here lazily, so ``import lit_echo.losses`` (pure torch) does not pull in Lightning,
+transformers or peft.
+"""
 
-__all__ = ["Role", "Rollout", "BadRecordError"]
+from importlib import import_module
+
 __version__ = "0.1.0"
+
+_EXPORTS = {
+    "Role": "lit_echo.roles",
+    "Rollout": "lit_echo.rollout",
+    "BadRecordError": "lit_echo.rollout",
+    "tokenize_messages": "lit_echo.chat",
+    "RolloutBuilder": "lit_echo.chat",
+    "ChatTemplateError": "lit_echo.chat",
+    "echo_loss": "lit_echo.losses",
+    "chunked_logprobs": "lit_echo.logprobs",
+    "RolloutBuffer": "lit_echo.data.buffer",
+    "RolloutDataModule": "lit_echo.data.datamodule",
+    "EchoModule": "lit_echo.module",
+    "AdapterExport": "lit_echo.callbacks",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        value = getattr(import_module(_EXPORTS[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'lit_echo' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(list(globals()) + __all__)

@@ -16,12 +16,13 @@ from lit_echo.module import EchoModule
 class EchoCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         # The data module renders messages records with the model's own tokenizer and chat template.
-        parser.link_arguments("model.model_name_or_path", "data.tokenizer")
+        parser.link_arguments("model.model_name_or_path", "data.init_args.tokenizer")
 
 
 def main(args: list[str] | None = None) -> EchoCLI:
-    return EchoCLI(EchoModule, RolloutDataModule, save_config_kwargs={"overwrite": True}, args=args,
-                   auto_configure_optimizers=False)
+    # subclass_mode_data: the offline RolloutDataModule or a subclass (e.g. the online one) picked by class_path.
+    return EchoCLI(EchoModule, RolloutDataModule, subclass_mode_data=True, save_config_kwargs={"overwrite": True},
+                   args=args, auto_configure_optimizers=False)
 
 
 if __name__ == "__main__":
