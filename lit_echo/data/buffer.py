@@ -162,12 +162,15 @@ class RolloutBuffer(IterableDataset):
         return rank * workers + worker, world * workers
 
     def __iter__(self) -> Iterator[BufferItem]:
+        # Read the settings now, not at the first next(): a DataLoader may change them right after iter().
         index, count = self._reader()
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
         # Batch b comes from worker b % workers: this worker's share of the batches already trained on.
         to_skip = max(0, (self.skip_batches - worker + workers - 1) // workers) * self.batch_size
-        epoch = self.epoch
+        return self._stream(self.epoch, index, count, to_skip)
+
+    def _stream(self, epoch: int, index: int, count: int, to_skip: int) -> Iterator[BufferItem]:
         while True:
             for item in self._epoch(epoch, index, count):
                 if to_skip:
