@@ -234,8 +234,8 @@ def _convert_smollm2(target: Path) -> None:
 def load_tokenizer(name_or_path: str, cache_dir: str | None = None):
     """An ``AutoTokenizer`` for a directory, hub id, built-in checkpoint or built-in tokenizer name.
 
-    ``"smollm2-135m-instruct"`` reads the tokenizer straight from the GGUF file (~4 s) until the converted
-    checkpoint is cached, so tokenizer-only users never pay for the model conversion.
+    Until the converted ``"smollm2-135m-instruct"`` checkpoint is cached, its tokenizer alone is read from the
+    GGUF file (~4 s) and cached, so tokenizer-only users never pay for the model conversion.
     """
     from transformers import AutoTokenizer
 
@@ -243,7 +243,9 @@ def load_tokenizer(name_or_path: str, cache_dir: str | None = None):
     if name_or_path == QWEN25_TOKENIZER:
         return AutoTokenizer.from_pretrained(_build_once(root / "qwen2.5-tokenizer", _build_qwen25_tokenizer))
     if name_or_path == SMOLLM2 and not (root / SMOLLM2).is_dir() and not Path(SMOLLM2).is_dir():
-        return _smollm2_tokenizer_from_gguf(smollm2_gguf_file())
+        tokenizer_dir = _build_once(root / f"{SMOLLM2}-tokenizer",
+                                    lambda tmp: _smollm2_tokenizer_from_gguf(smollm2_gguf_file()).save_pretrained(tmp))
+        return AutoTokenizer.from_pretrained(tokenizer_dir)
     return AutoTokenizer.from_pretrained(resolve_checkpoint(name_or_path, cache_dir))
 
 
