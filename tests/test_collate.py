@@ -47,3 +47,8 @@ def test_bad_settings():
         RolloutCollator(0, truncation="left")
     with pytest.raises(ValueError, match="max_length"):
         RolloutCollator(0, max_length=1)
+
+
+def test_constant_advantage_overrides_for_sft():
+    batch = RolloutCollator(0, advantage=1.0)([_r(4, adv=-2.0), _r(4, adv=None)])
+    assert batch["advantages"].tolist() == [1.0, 1.0]

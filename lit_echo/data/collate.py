@@ -40,7 +40,8 @@ class RolloutCollator:
         num_truncated, num_skipped  ints for logging
     """
 
-    def __init__(self, pad_token_id: int, max_length: int | None = None, truncation: str = "right"):
+    def __init__(self, pad_token_id: int, max_length: int | None = None, truncation: str = "right",
+                 advantage: float | None = None):
         if truncation not in TRUNCATION_POLICIES:
             raise ValueError(f"truncation must be one of {TRUNCATION_POLICIES}, got {truncation!r}")
         if max_length is not None and max_length < 2:
@@ -48,6 +49,7 @@ class RolloutCollator:
         self.pad_token_id = pad_token_id
         self.max_length = max_length
         self.truncation = truncation
+        self.advantage = advantage  # a constant for every rollout (SFT as RL), else the rollouts' own
 
     def __call__(self, items: Sequence[Rollout | BufferItem]) -> dict[str, Any]:
         rollouts = [it.rollout if isinstance(it, BufferItem) else it for it in items]
@@ -77,7 +79,8 @@ class RolloutCollator:
             "attention_mask": attention_mask,
             "roles": roles,
             "old_logprobs": old_logprobs,
-            "advantages": torch.tensor([r.advantage or 0.0 for r in rollouts], dtype=torch.float32),  # [B]
+            "advantages": torch.tensor([self.advantage if self.advantage is not None else (r.advantage or 0.0)
+                                        for r in rollouts], dtype=torch.float32),  # [B]
             "rewards": torch.tensor([r.reward for r in rollouts], dtype=torch.float32),  # [B]
             "policy_version": torch.tensor([r.policy_version for r in rollouts], dtype=torch.long),  # [B]
             "group_ids": [r.group_id for r in rollouts],

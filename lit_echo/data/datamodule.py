@@ -46,6 +46,9 @@ class RolloutDataModule(L.LightningDataModule):
         num_workers: dataloader workers; records are sharded across workers and DDP ranks.
         on_bad_record: "raise" (stop, naming file, line, field) or "skip" (log, count in ``data/skipped``).
         grpo_scale_by_std: advantages of records without one: GRPO (True) or Dr. GRPO (False).
+        advantage: a constant advantage for every training record, replacing stored and GRPO ones. 1.0 trains
+            expert rollouts as "SFT = RL with a constant positive advantage" (method.md section 1) through the
+            same loss and module; None keeps the records' own.
     """
 
     def __init__(self, train_path: str | list[str] | None = None, val_path: str | list[str] | None = None,
@@ -53,7 +56,7 @@ class RolloutDataModule(L.LightningDataModule):
                  max_length: int | None = 1024, truncation: Literal["right", "drop"] = "right",
                  shuffle: bool = True, shuffle_buffer: int = 1024, seed: int = 0, repeat: bool = True,
                  num_workers: int = 0, on_bad_record: Literal["raise", "skip"] = "raise",
-                 grpo_scale_by_std: bool = True):
+                 grpo_scale_by_std: bool = True, advantage: float | None = None):
         super().__init__()
         self.save_hyperparameters()
         self._tokenizer: Any = None
@@ -85,6 +88,11 @@ class RolloutDataModule(L.LightningDataModule):
         pad = 0 if tok is None else (tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
         return RolloutCollator(pad, self.hparams.max_length, self.hparams.truncation)
 
+    def train_collator(self) -> RolloutCollator:
+        collator = self.collator()
+        collator.advantage = self.hparams.advantage
+        return collator
+
     def _buffer(self, path, **overrides) -> RolloutBuffer:
         h = self.hparams
         kwargs = dict(tokenizer=self.tokenizer, shuffle=h.shuffle, shuffle_buffer=h.shuffle_buffer, seed=h.seed,
@@ -106,7 +114,7 @@ class RolloutDataModule(L.LightningDataModule):
         buffer = self._buffer(self.hparams.train_path, skip_batches=skip,
                               batch_size=self.hparams.batch_size)
         return _EpochLoader(buffer, batch_size=self.hparams.batch_size,
-                            collate_fn=self.collator(), num_workers=self.hparams.num_workers)
+                            collate_fn=self.train_collator(), num_workers=self.hparams.num_workers)
 
     def val_dataloader(self) -> DataLoader | list:
         if not self.val_rollouts:
