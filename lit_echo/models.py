@@ -353,3 +353,25 @@ def export_adapter(model: PeftModel, path: str | os.PathLike) -> Path:
     path = Path(path)
     model.save_pretrained(path)
     return path
+
+
+def load_adapter_weights(model: PeftModel, path: str | os.PathLike) -> None:
+    """Load adapter weights saved by :func:`export_adapter` into ``model``'s active adapter, in place.
+
+    Raises when the adapter does not fit (other rank or target modules), rather than training from a partial load.
+    """
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    weights = path / "adapter_model.safetensors"
+    if not weights.is_file():
+        raise FileNotFoundError(f"{weights}: no adapter weights; expected a directory written by export_adapter "
+                                "(peft save_pretrained format)")
+    result = set_peft_model_state_dict(model, load_file(str(weights)))
+    missing = [k for k in result.missing_keys if "lora_" in k]
+    unexpected = list(getattr(result, "unexpected_keys", []))
+    if missing or unexpected:
+        raise ValueError(f"{path}: the adapter does not match the model's LoRA layout ({len(missing)} missing, "
+                         f"{len(unexpected)} unexpected tensors, e.g. {(missing + unexpected)[0]}); use the same "
+                         "lora_rank and lora_target_modules it was trained with")

@@ -43,6 +43,8 @@ class EchoModule(L.LightningModule):
         quantization: "none" | "4bit" (QLoRA nf4) | "8bit" through bitsandbytes.
         dtype: weights dtype of the non-quantized base ("auto" keeps the checkpoint's).
         gradient_checkpointing: recompute activations in backward.
+        init_adapter: a LoRA adapter directory (peft format, e.g. written by AdapterExport) to start from, such as
+            a warm-start adapter; its rank and target modules must match.
     Loss (see lit_echo.losses.echo_loss for the formulas):
         world_coef: lambda (ECHO 0.05; 0 = action masking). world_schedule "constant" | "linear" | "step" with
             world_final_coef, world_decay_steps, world_gamma, world_step_size.
@@ -70,6 +72,7 @@ class EchoModule(L.LightningModule):
         quantization: Literal["none", "4bit", "8bit"] = "none",
         dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto",
         gradient_checkpointing: bool = False,
+        init_adapter: str | None = None,
         world_coef: float = 0.05,
         world_schedule: Literal["constant", "linear", "step"] = "constant",
         world_final_coef: float = 0.0,
@@ -113,6 +116,9 @@ class EchoModule(L.LightningModule):
                                         lora_dropout=lora_dropout, lora_target_modules=lora_target_modules,
                                         quantization=quantization, dtype=dtype,
                                         gradient_checkpointing=gradient_checkpointing)
+        if init_adapter is not None:
+            models.load_adapter_weights(self.model, init_adapter)
+        self.model.train()  # from_pretrained leaves the base in eval mode; Lightning keeps submodule modes
         log.info("%s: %s", model_name_or_path, models.parameter_summary(self.model))
         self.nonfinite_in_a_row = 0
         self.nonfinite_total = 0

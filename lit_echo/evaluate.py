@@ -1,0 +1,116 @@
+"""Held-out evaluation of a policy: agent success in an environment and world-model quality on held-out rollouts.
+
+    python -m lit_echo.evaluate --model smollm2-135m-instruct --adapter runs/shellworld-sft/adapter \\
+        --env-kwargs '{"split": "heldout_trees"}' --seeds 0:8 --samples 8 \\
+        --world-buffer data/shellworld/expert-heldout_trees.jsonl.gz --out eval.json
+
+Agent metrics come from sampling ``--samples`` rollouts per task seed with the same generator as online training
+(success rate, valid-action rate, mean turns); world-model metrics are the untempered NLL and top-1 accuracy on the
+OBSERVATION tokens of a held-out buffer (``val/world_nll`` and ``val/world_acc`` of training).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from lit_echo import models
+from lit_echo.data.buffer import RolloutBuffer
+from lit_echo.data.collate import RolloutCollator
+from lit_echo.metrics import masked_nll_and_accuracy
+from lit_echo.online.datamodule import import_env_class
+from lit_echo.online.generator import GroupGenerator, SamplingSettings
+from lit_echo.roles import Role
+
+
+def load_policy(model: str, adapter: str | None):
+    """The base causal LM, with the LoRA adapter applied when given (eval mode)."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    policy = AutoModelForCausalLM.from_pretrained(models.resolve_model_path(model))
+    if adapter is not None:
+        policy = PeftModel.from_pretrained(policy, adapter)
+    return policy.eval()
+
+
+def agent_metrics(policy, tokenizer, env_class: str, env_kwargs: dict, seeds: range, samples: int,
+                  settings: SamplingSettings) -> dict[str, float]:
+    env_cls = import_env_class(env_class)
+    generator = GroupGenerator(lambda: env_cls(**env_kwargs), tokenizer, settings)
+    successes = turns = invalid = rollouts = 0
+    for seed in seeds:
+        group, stats = generator.generate_group(policy, seed, samples)
+        rollouts += stats.rollouts
+        successes += stats.successes
+        turns += stats.turns
+        invalid += stats.invalid_actions
+    return {"success_rate": successes / max(rollouts, 1), "valid_action_rate": 1 - invalid / max(turns, 1),
+            "turns_mean": turns / max(rollouts, 1), "rollouts": rollouts}
+
+
+@torch.no_grad()
+def world_metrics(policy, tokenizer, buffer: str, batch_size: int = 8, max_length: int = 1024) -> dict[str, float]:
+    collate = RolloutCollator(tokenizer.pad_token_id, max_length)
+    items = list(RolloutBuffer(buffer, tokenizer, shuffle=False))
+    sums = torch.zeros(3, dtype=torch.float64)
+    for start in range(0, len(items), batch_size):
+        batch = collate(items[start:start + batch_size])
+        ids, mask = batch["input_ids"], batch["attention_mask"]
+        hidden = models.hidden_states(policy, ids, mask)[:, :-1]
+        sums += torch.stack(masked_nll_and_accuracy(hidden, models.output_head(policy), ids[:, 1:],
+                                                    batch["roles"][:, 1:] == Role.OBSERVATION))
+    count = max(sums[2].item(), 1.0)
+    return {"world_nll": sums[0].item() / count, "world_acc": sums[1].item() / count,
+            "world_tokens": int(sums[2].item())}
+
+
+def _seeds(text: str) -> range:
+    start, _, stop = text.partition(":")
+    return range(int(start), int(stop))
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="smollm2-135m-instruct")
+    parser.add_argument("--adapter", default=None, help="LoRA adapter directory (peft format)")
+    parser.add_argument("--env-class", default="lit_echo.envs.shellworld.ShellWorld")
+    parser.add_argument("--env-kwargs", default='{"split": "heldout_trees"}', type=json.loads)
+    parser.add_argument("--seeds", default="0:8", type=_seeds, help="task seeds START:STOP")
+    parser.add_argument("--samples", default=8, type=int, help="rollouts per task seed")
+    parser.add_argument("--temperature", default=0.8, type=float)
+    parser.add_argument("--top-p", default=1.0, type=float)
+    parser.add_argument("--max-new-tokens", default=64, type=int)
+    parser.add_argument("--max-turns", default=6, type=int)
+    parser.add_argument("--world-buffer", default=None, help="held-out rollouts for world NLL / accuracy")
+    parser.add_argument("--torch-seed", default=0, type=int)
+    parser.add_argument("--out", default=None, help="write the results as JSON here")
+    args = parser.parse_args(argv)
+
+    torch.manual_seed(args.torch_seed)
+    started = time.perf_counter()
+    tokenizer = models.load_tokenizer(args.model)
+    policy = load_policy(args.model, args.adapter)
+    settings = SamplingSettings(temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens,
+                                max_turns=args.max_turns, max_total_tokens=2048)
+    result = {"model": args.model, "adapter": args.adapter, "env_kwargs": args.env_kwargs,
+              "seeds": f"{args.seeds.start}:{args.seeds.stop}", "samples": args.samples,
+              "temperature": args.temperature}
+    result.update(agent_metrics(policy, tokenizer, args.env_class, args.env_kwargs, args.seeds, args.samples,
+                                settings))
+    if args.world_buffer:
+        result.update(world_metrics(policy, tokenizer, args.world_buffer))
+    result["seconds"] = round(time.perf_counter() - started, 1)
+    print(json.dumps(result, indent=2))
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+if __name__ == "__main__":
+    main()

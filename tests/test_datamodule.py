@@ -1,0 +1,57 @@
+"""RolloutDataModule on the sample buffer: messages records through the tokenizer, buffer and collation."""
+
+import json
+from pathlib import Path
+
+import torch
+
+from lit_echo import Role, RolloutDataModule
+from lit_echo.chat import role_spans_text
+
+REPO = Path(__file__).resolve().parents[1]
+TRAIN = REPO / "data/sample/train.jsonl"
+
+
+def _records():
+    return [json.loads(line) for line in TRAIN.read_text(encoding="utf-8").splitlines()]
+
+
+def test_collated_roles_decode_back_to_the_messages(tiny_checkpoint):
+    data = RolloutDataModule(str(TRAIN), tokenizer=str(tiny_checkpoint), batch_size=4, max_length=None,
+                             shuffle=False, repeat=False)
+    data.setup("fit")
+    tok = data.tokenizer
+    records = _records()
+    seen = 0
+    for batch in data.train_dataloader():
+        for i in range(batch["input_ids"].shape[0]):
+            record = records[seen]
+            n = int(batch["attention_mask"][i].sum())
+            ids, roles = batch["input_ids"][i, :n].tolist(), batch["roles"][i, :n].tolist()
+            spans = role_spans_text(tok, ids, roles)
+            by_role = {r: [text for role, text in spans if role == r] for r in Role}
+            tools = [m for m in record["messages"] if m["role"] == "tool"]
+            assistants = [m for m in record["messages"] if m["role"] == "assistant"]
+            # One OBSERVATION span per non-empty tool body, one WARNING span per warning, in order.
+            assert by_role[Role.OBSERVATION] == [m["content"] for m in tools if m["content"]]
+            assert by_role[Role.WARNING] == [m["warning"] for m in tools if m.get("warning")]
+            assert by_role[Role.ACTION] == [m["content"] + "<|im_end|>" for m in assistants]
+            assert batch["rewards"][i].item() == record["reward"] and batch["group_ids"][i] == record["group_id"]
+            seen += 1
+        if seen >= 40:
+            break
+    assert seen >= 40
+
+
+def test_grpo_advantages_from_groups_and_val_in_memory(tiny_checkpoint):
+    data = RolloutDataModule(str(TRAIN), str(REPO / "data/sample/val.jsonl"), tokenizer=str(tiny_checkpoint),
+                             batch_size=8, shuffle=False, repeat=False, grpo_scale_by_std=False)
+    data.setup("fit")
+    assert len(data.val_rollouts) == 60
+    batch = next(iter(data.train_dataloader()))
+    records = _records()[:8]
+    for i, record in enumerate(records):
+        group = [r["reward"] for r in records if r["group_id"] == record["group_id"]]
+        assert batch["advantages"][i].item() == record["reward"] - sum(group) / len(group)  # Dr. GRPO
+    val = next(iter(data.val_dataloader()))
+    assert val["input_ids"].shape[0] == 8 and torch.isnan(val["old_logprobs"]).all()
