@@ -20,6 +20,8 @@ _EXPORTS = {
     "RolloutBuffer": "lit_echo.data.buffer",
     "RolloutDataModule": "lit_echo.data.datamodule",
     "EchoModule": "lit_echo.module",
+    "OnlineRolloutDataModule": "lit_echo.online.datamodule",
+    "GroupGenerator": "lit_echo.online.generator",
     "AdapterExport": "lit_echo.callbacks",
 }
 __all__ = sorted(_EXPORTS)

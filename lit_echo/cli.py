@@ -19,10 +19,16 @@ class EchoCLI(LightningCLI):
         parser.link_arguments("model.model_name_or_path", "data.init_args.tokenizer")
 
 
-def main(args: list[str] | None = None) -> EchoCLI:
+def run(args: list[str] | None = None) -> EchoCLI:
+    """Build and run the CLI (returns it, for tests and notebooks)."""
     # subclass_mode_data: the offline RolloutDataModule or a subclass (e.g. the online one) picked by class_path.
     return EchoCLI(EchoModule, RolloutDataModule, subclass_mode_data=True, save_config_kwargs={"overwrite": True},
                    args=args, auto_configure_optimizers=False)
+
+
+def main() -> None:
+    """Console-script entry point (``lit-echo``): exit status 0 on success."""
+    run()
 
 
 if __name__ == "__main__":

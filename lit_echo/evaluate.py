@@ -60,10 +60,11 @@ def world_metrics(policy, tokenizer, buffer: str, batch_size: int = 8, max_lengt
     sums = torch.zeros(3, dtype=torch.float64)
     for start in range(0, len(items), batch_size):
         batch = collate(items[start:start + batch_size])
-        ids, mask = batch["input_ids"], batch["attention_mask"]
+        device = policy.get_input_embeddings().weight.device
+        ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
         hidden = models.hidden_states(policy, ids, mask)[:, :-1]
         sums += torch.stack(masked_nll_and_accuracy(hidden, models.output_head(policy), ids[:, 1:],
-                                                    batch["roles"][:, 1:] == Role.OBSERVATION))
+                                                    batch["roles"][:, 1:].to(device) == Role.OBSERVATION)).cpu()
     count = max(sums[2].item(), 1.0)
     return {"world_nll": sums[0].item() / count, "world_acc": sums[1].item() / count,
             "world_tokens": int(sums[2].item())}
@@ -88,6 +89,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--max-turns", default=6, type=int)
     parser.add_argument("--world-buffer", default=None, help="held-out rollouts for world NLL / accuracy")
     parser.add_argument("--torch-seed", default=0, type=int)
+    parser.add_argument("--precision", default="bf16", choices=["bf16", "fp32"],
+                        help="bf16 autocast (about 5x faster generation on CPUs with avx512_bf16) or fp32")
     parser.add_argument("--out", default=None, help="write the results as JSON here")
     args = parser.parse_args(argv)
 
@@ -99,11 +102,14 @@ def main(argv: list[str] | None = None) -> dict:
                                 max_turns=args.max_turns, max_total_tokens=2048)
     result = {"model": args.model, "adapter": args.adapter, "env_kwargs": args.env_kwargs,
               "seeds": f"{args.seeds.start}:{args.seeds.stop}", "samples": args.samples,
-              "temperature": args.temperature}
-    result.update(agent_metrics(policy, tokenizer, args.env_class, args.env_kwargs, args.seeds, args.samples,
-                                settings))
-    if args.world_buffer:
-        result.update(world_metrics(policy, tokenizer, args.world_buffer))
+              "temperature": args.temperature, "precision": args.precision}
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    policy.to(device)
+    with torch.autocast(device, dtype=torch.bfloat16, enabled=args.precision == "bf16"):
+        result.update(agent_metrics(policy, tokenizer, args.env_class, args.env_kwargs, args.seeds, args.samples,
+                                    settings))
+        if args.world_buffer:
+            result.update(world_metrics(policy, tokenizer, args.world_buffer))
     result["seconds"] = round(time.perf_counter() - started, 1)
     print(json.dumps(result, indent=2))
     if args.out:

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from lit_echo.cli import main
+from lit_echo.cli import run
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
@@ -30,7 +30,7 @@ def test_tiny_recipe_trains_and_logs_documented_names(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     os.chdir(REPO)
-    main(["fit", "--config", "configs/tiny.yaml", "--trainer.max_steps", "6", "--trainer.val_check_interval", "3",
+    run(["fit", "--config", "configs/tiny.yaml", "--trainer.max_steps", "6", "--trainer.val_check_interval", "3",
           f"--trainer.default_root_dir={tmp_path}", f"--trainer.logger.init_args.save_dir={tmp_path}",
           "--model.world_coef", "0.3"])
     events = list(tmp_path.rglob("events.out.tfevents.*"))

@@ -263,3 +263,22 @@ def test_metrics():
     assert "kl_mean" not in m
     neg = echo_loss(logp, roles, torch.tensor([-1.0]), old)
     assert (neg.metrics["clipfrac_low"], neg.metrics["clipfrac_high"]) == pytest.approx((1 / 3, 0.0))
+
+
+def test_bf16_logprobs_give_float32_loss():
+    logp, old, adv, *_ = _batch()
+    out = echo_loss(logp.detach().bfloat16().requires_grad_(), ROLES, adv.float(), old.float())
+    assert out.loss.dtype == torch.float32 and torch.isfinite(out.loss)
+
+
+def test_normalizers_all_reduce_in_a_process_group(tmp_path):
+    """Single-rank gloo group: the reduction path runs and keeps the counts (sum) and seq_len (max)."""
+    import torch.distributed as dist
+
+    store = dist.FileStore(str(tmp_path / "store"), 1)
+    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    try:
+        norms = compute_normalizers(ROLES)
+        assert norms.all_reduce() == norms
+    finally:
+        dist.destroy_process_group()

@@ -1,0 +1,222 @@
+"""TextWorld text adventures (Microsoft TextWorld 1.7) as a lit_echo :class:`~lit_echo.envs.base.Environment`.
+
+TextWorld is an optional dependency: ``pip install "lit-echo[textworld]"`` (pulls spacy and jericho; games are
+generated offline). Make games once with ``tw-make`` or with this module's command line, which calls it::
+
+    python -m lit_echo.envs.textworld --out games/textworld --games 32 --seed 0 \\
+        --world-size 3 --nb-objects 6 --quest-length 3
+
+Episodes
+--------
+``TextWorldEnv(games=...)`` takes game files (``.z8`` / ``.ulx``), a directory of them, or a glob; seed ``s``
+plays ``games[s % len(games)]`` (sorted paths, so the mapping is stable). The opening messages are a system prompt
+and the game's introduction (its ASCII-art banner removed), which states the objective.
+
+Tool-call format
+----------------
+``command_format="plain"`` (default): the assistant's whole turn, stripped, is the game command (``go east``).
+``command_format="cmd"``: the command goes inside ``<cmd>...</cmd>`` and free text around it is allowed, as in
+ShellWorld; a turn with no (or several) ``<cmd>`` gets a ``StepResult.warning`` and the game does not advance.
+An empty command gets a warning in both formats. A command TextWorld does not list as admissible in the
+current state is still sent to the game (its reply, e.g. "That's not a verb I recognise.", is the observation)
+and counted with ``info["valid_action"] = False``.
+
+Observations and reward
+-----------------------
+The observation is the game's reply without its trailing prompt and status bar (``>  -= Studio =-0/2``),
+stripped, plus a final newline, cut at ``max_observation_chars`` with a notice. The reward of a step is the
+score it gained divided by the game's maximum score, so an episode that wins collects 1.0 in total.
+The episode ends when the game is won or lost, or after ``max_turns`` assistant turns. ``info`` holds
+``success`` (won), ``valid_action``, ``score``, ``max_score``, ``turn`` and ``task_type`` (``"textworld"``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any, Literal
+
+from lit_echo.envs.base import StepResult
+
+GAME_SUFFIXES = (".z8", ".ulx")
+EMPTY_COMMAND_WARNING = "WARNING: empty command. Reply with one game command, e.g. go north.\n"
+NO_CMD_WARNING = "WARNING: no command found. Reply with exactly one command inside <cmd></cmd>, e.g. <cmd>look</cmd>.\n"
+MANY_CMD_WARNING = "WARNING: {n} commands found; nothing was done. Reply with exactly one <cmd></cmd>.\n"
+
+_CMD = re.compile(r"<cmd>(.*?)</cmd>", re.DOTALL)
+_BANNER_LINE = re.compile(r"^[\s$_|\\/<>]*$")  # the intro's ASCII-art title is drawn with these characters only
+_PROMPT_TAIL = re.compile(r"\n>[^\n]*$")  # the input prompt, padded and followed by the status bar
+
+SYSTEM_PROMPT = """You are playing a text adventure game. Each reply is one game command{how}, for example: look, \
+inventory, go north, open chest, take key, unlock door with key, put apple on table. The game's answer comes back \
+as the next message. Reach the objective in at most {max_turns} commands."""
+
+
+def _import_textworld():
+    try:
+        import textworld
+    except ImportError as err:
+        raise ImportError("TextWorldEnv needs TextWorld: pip install 'lit-echo[textworld]' (or textworld==1.7.0)"
+                          ) from err
+    return textworld
+
+
+def find_games(games: str | os.PathLike | list[str | os.PathLike]) -> list[Path]:
+    """Sorted game files named by ``games``: files, directories (their ``*.z8`` / ``*.ulx``) or globs."""
+    items = games if isinstance(games, list) else [games]
+    found: set[Path] = set()
+    for item in items:
+        path = Path(item).expanduser()
+        if path.is_dir():
+            found.update(p for p in path.iterdir() if p.suffix in GAME_SUFFIXES)
+        elif path.is_file():
+            found.add(path)
+        else:
+            found.update(Path(p) for p in glob.glob(str(path)) if Path(p).suffix in GAME_SUFFIXES)
+    if not found:
+        raise FileNotFoundError(f"no TextWorld games (*.z8, *.ulx) found at {items!r}; make some with "
+                                "`python -m lit_echo.envs.textworld --out DIR` or tw-make")
+    return sorted(found)
+
+
+def clean_feedback(text: str) -> str:
+    """The game's reply without the intro banner, the input prompt and the status bar; one final newline."""
+    lines = text.split("\n")
+    while lines and _BANNER_LINE.match(lines[0]):
+        lines.pop(0)
+    body = _PROMPT_TAIL.sub("", "\n".join(lines)).strip()
+    return body + "\n" if body else ""
+
+
+class TextWorldEnv:
+    """One TextWorld game per episode (see the module docstring for the formats).
+
+    Args:
+        games: game files, a directory or a glob (made by ``tw-make``).
+        max_turns: assistant turns before the episode ends (reward 0 for what was not scored).
+        command_format: ``"plain"`` (the turn is the command) or ``"cmd"`` (``<cmd>...</cmd>``).
+        max_observation_chars: longer replies are cut with ``[output truncated: N more characters]``.
+    """
+
+    def __init__(self, games: str | list[str], max_turns: int = 20,
+                 command_format: Literal["plain", "cmd"] = "plain", max_observation_chars: int = 2000):
+        if command_format not in ("plain", "cmd"):
+            raise ValueError(f"command_format: expected 'plain' or 'cmd', got {command_format!r}")
+        if max_turns < 1 or max_observation_chars < 1:
+            raise ValueError("max_turns and max_observation_chars must be positive")
+        self._textworld = _import_textworld()
+        self.games = find_games(games)
+        self.max_turns = max_turns
+        self.command_format = command_format
+        self.max_observation_chars = max_observation_chars
+        self._env: Any = None
+        self._game: Path | None = None
+        self._state: Any = None
+        self.turn = 0
+        self.done = True
+
+    def reset(self, seed: int) -> list[dict[str, str]]:
+        game = self.games[seed % len(self.games)]
+        if game != self._game:
+            self.close()
+            infos = self._textworld.EnvInfos(objective=True, max_score=True, won=True, lost=True, score=True,
+                                             admissible_commands=True)
+            self._env = self._textworld.start(str(game), request_infos=infos)
+            self._game = game
+        self._state = self._env.reset()
+        self.turn = 0
+        self.done = False
+        how = " inside <cmd></cmd>" if self.command_format == "cmd" else " and nothing else"
+        return [{"role": "system", "content": SYSTEM_PROMPT.format(how=how, max_turns=self.max_turns)},
+                {"role": "user", "content": clean_feedback(self._state.feedback)}]
+
+    def _command(self, action: str) -> tuple[str | None, str | None]:
+        """(command, warning): the command to send, or None and the warning to show instead."""
+        if self.command_format == "cmd":
+            commands = [c.strip() for c in _CMD.findall(action)]
+            if len(commands) > 1:
+                return None, MANY_CMD_WARNING.format(n=len(commands))
+            if not commands:
+                return None, NO_CMD_WARNING
+            action = commands[0]
+        command = action.strip()
+        return (command, None) if command else (None, EMPTY_COMMAND_WARNING)
+
+    def step(self, action: str) -> StepResult:
+        if self.done or self._state is None:
+            raise RuntimeError("step() called on a finished episode; call reset(seed) first")
+        self.turn += 1
+        command, warning = self._command(action)
+        if command is None:
+            return self._result("", warning, gained=0, valid=False)
+        admissible = set(self._state.admissible_commands or [])
+        before = self._state.score
+        self._state, _, game_over = self._env.step(command)
+        if game_over:
+            self.done = True
+        return self._result(self._truncate(clean_feedback(self._state.feedback)), None,
+                            gained=self._state.score - before, valid=command in admissible)
+
+    def _truncate(self, text: str) -> str:
+        if len(text) <= self.max_observation_chars:
+            return text
+        kept = text[: self.max_observation_chars]
+        separator = "" if kept.endswith("\n") else "\n"
+        return f"{kept}{separator}[output truncated: {len(text) - len(kept)} more characters]\n"
+
+    def _result(self, observation: str, warning: str | None, *, gained: float, valid: bool) -> StepResult:
+        if self.turn >= self.max_turns:
+            self.done = True
+        max_score = self._state.max_score or 1
+        info = {"success": bool(self._state.won), "valid_action": valid, "score": self._state.score,
+                "max_score": max_score, "turn": self.turn, "task_type": "textworld"}
+        return StepResult(observation, warning, reward=gained / max_score, done=self.done, info=info)
+
+    def close(self) -> None:
+        if self._env is not None:
+            self._env.close()
+        self._env, self._game, self._state = None, None, None
+
+
+def make_games(out: str | os.PathLike, games: int = 16, seed: int = 0, world_size: int = 3, nb_objects: int = 6,
+               quest_length: int = 3) -> list[Path]:
+    """Generate ``games`` custom TextWorld games with ``tw-make`` (seeds ``seed .. seed+games-1``) into ``out``;
+    existing files are kept, so a second call is free. Returns the game paths (about 3 s per new game)."""
+    # The script sits next to the interpreter of a virtual environment that is not activated (e.g. under pytest).
+    tw_make = shutil.which("tw-make") or shutil.which("tw-make", path=os.path.dirname(sys.executable))
+    if tw_make is None:
+        raise FileNotFoundError("tw-make is not on PATH: pip install 'lit-echo[textworld]'")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for game_seed in range(seed, seed + games):
+        path = out / f"tw-w{world_size}-o{nb_objects}-q{quest_length}-s{game_seed}.z8"
+        if not path.exists():
+            subprocess.run([tw_make, "custom", "--world-size", str(world_size), "--nb-objects", str(nb_objects),
+                            "--quest-length", str(quest_length), "--seed", str(game_seed), "--output", str(path),
+                            "--silent", "-f"], check=True)
+        paths.append(path)
+    return paths
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Generate TextWorld games offline with tw-make.")
+    parser.add_argument("--out", required=True, help="directory for the .z8 games")
+    parser.add_argument("--games", type=int, default=16)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--world-size", type=int, default=3)
+    parser.add_argument("--nb-objects", type=int, default=6)
+    parser.add_argument("--quest-length", type=int, default=3)
+    args = parser.parse_args(argv)
+    paths = make_games(args.out, args.games, args.seed, args.world_size, args.nb_objects, args.quest_length)
+    print(f"{len(paths)} games in {args.out}")
+
+
+if __name__ == "__main__":
+    main()

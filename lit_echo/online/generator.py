@@ -1,0 +1,317 @@
+"""The multi-turn agent loop: a group of G rollouts of one task, sampled from the current policy in one batch.
+
+One turn for the whole group::
+
+    prompts (left-padded) --HF generate(do_sample, use_cache)--> sampled ids + raw logits per step
+        -> cut each row at its end-of-turn id -> RolloutBuilder.add_action(ids, logprobs)  (ACTION, verbatim)
+        -> decode the turn's text -> env.step in worker threads (time limit)
+        -> RolloutBuilder.add_observation(observation, warning)  (OBSERVATION / WARNING)
+
+until every rollout is done (the environment said so, ``max_turns``, ``max_total_tokens``, or an environment
+error). Rollouts that finish early drop out of the batch; the others keep generating together.
+
+Token-in/token-out: the sampled ids are stored verbatim and never re-tokenized (method.md §2). Their log-probs are
+``log_softmax(raw_logits / temperature)[sampled_id]``, the temperature-scaled distribution the trainer recomputes
+for ACTION tokens (``EchoModule.temperature``). With ``top_p < 1`` the policy actually samples from the nucleus
+renormalisation of that distribution; the stored log-prob is the un-truncated one, because that is what the
+trainer can recompute (the same convention as verl and TRL).
+
+Environment errors (``step`` raised, returned garbage, or exceeded ``env_step_timeout_s``) end that rollout with
+reward 0 and the error text as the last tool message. The text is a harness message, not environment behaviour,
+so it is stored as the message's *warning* (``Role.WARNING``, outside the default world-model target) with an
+empty observation body.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from lit_echo.chat import RolloutBuilder
+from lit_echo.envs.base import Environment, StepResult
+from lit_echo.online.env_runner import StepFailure, step_all
+from lit_echo.rollout import Rollout
+
+log = logging.getLogger(__name__)
+
+# Opening message kept in a rollout's metadata as its task statement (longer ones are cut for the JSONL buffer).
+_TASK_CHARS = 500
+
+
+@dataclass
+class SamplingSettings:
+    """How rollouts are sampled.
+
+    ``temperature``, ``top_p``: sampling distribution (top-k and every other logits processor are off).
+    ``max_new_tokens``: tokens sampled per assistant turn at most.
+    ``max_turns``: assistant turns per rollout at most (the environment may end it sooner).
+    ``max_total_tokens``: no turn starts, and no turn grows, past this many tokens in the conversation; the
+        final observation can still take the rollout past it (the collator's ``max_length`` cuts that).
+    ``max_observation_chars``: longer observations are cut, with a visible notice that is part of the
+        observation (``[observation truncated: N more characters]``).
+    ``env_step_timeout_s``: seconds one ``env.step`` may take (None: no limit).
+    """
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int = 256
+    max_turns: int = 8
+    max_total_tokens: int = 4096
+    max_observation_chars: int = 4000
+    env_step_timeout_s: float | None = 30.0
+
+    def __post_init__(self) -> None:
+        if not self.temperature > 0:
+            raise ValueError(f"temperature: expected > 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p: expected in (0, 1], got {self.top_p}")
+        for name in ("max_new_tokens", "max_turns", "max_total_tokens", "max_observation_chars"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}: expected >= 1, got {getattr(self, name)}")
+        if self.env_step_timeout_s is not None and not self.env_step_timeout_s > 0:
+            raise ValueError(f"env_step_timeout_s: expected > 0 or None, got {self.env_step_timeout_s}")
+
+
+@dataclass
+class GenerationStats:
+    """Counts over one or more generated groups (summable with ``+=``)."""
+
+    rollouts: int = 0
+    turns: int = 0
+    successes: int = 0
+    invalid_actions: int = 0
+    env_errors: int = 0
+    env_timeouts: int = 0
+    sampled_tokens: int = 0
+    reward_sum: float = 0.0
+    seconds: float = 0.0
+
+    def __iadd__(self, other: "GenerationStats") -> "GenerationStats":
+        for name in self.__dataclass_fields__:
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+        return self
+
+    def metrics(self) -> dict[str, float]:
+        """Logger-ready metrics (``rollout/*`` rates and counts, ``perf/*`` throughput)."""
+        n, seconds = max(self.rollouts, 1), max(self.seconds, 1e-9)
+        return {
+            "rollout/reward_mean": self.reward_sum / n,
+            "rollout/success_rate": self.successes / n,
+            "rollout/turns_mean": self.turns / n,
+            "rollout/invalid_action_rate": self.invalid_actions / max(self.turns, 1),
+            "rollout/env_errors": float(self.env_errors),
+            "rollout/env_timeouts": float(self.env_timeouts),
+            "perf/rollouts_per_s": self.rollouts / seconds,
+            "perf/gen_tokens_per_s": self.sampled_tokens / seconds,
+            "perf/generation_s": self.seconds,
+        }
+
+
+@dataclass
+class _Episode:
+    """One rollout in progress."""
+
+    env: Environment
+    builder: RolloutBuilder
+    seed: int
+    reward: float = 0.0
+    turns: int = 0
+    invalid_actions: int = 0
+    success: bool = False
+    stop_reason: str | None = None  # None while running
+    env_error: str | None = None
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+def truncate_observation(text: str, max_chars: int) -> str:
+    """``text`` cut to ``max_chars`` characters plus a notice line saying how much was cut (part of the text)."""
+    if len(text) <= max_chars:
+        return text
+    kept = text[:max_chars]
+    separator = "" if kept.endswith("\n") else "\n"
+    return f"{kept}{separator}[observation truncated: {len(text) - max_chars} more characters]\n"
+
+
+class GroupGenerator:
+    """Samples groups of rollouts from a policy in an environment.
+
+    Args:
+        env_factory: makes one fresh environment instance (called G times, and again to replace an instance
+            whose step timed out, since its thread may still be running).
+        tokenizer: the policy's tokenizer with its chat template (used by :class:`RolloutBuilder`).
+        settings: :class:`SamplingSettings`.
+
+    The generator keeps its G environment instances between groups; it never keeps a model: pass the current
+    policy to :meth:`generate_group` each time (weights in place, no copy).
+    """
+
+    def __init__(self, env_factory: Callable[[], Environment], tokenizer, settings: SamplingSettings | None = None):
+        self.env_factory = env_factory
+        self.tokenizer = tokenizer
+        self.settings = settings or SamplingSettings()
+        self._envs: list[Environment] = []
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        if pad is None:
+            raise ValueError("the tokenizer has neither a pad nor an eos token; set tokenizer.pad_token")
+        self.pad_token_id = int(pad)
+
+    # ------------------------------------------------------------------ public
+    def generate_group(self, model, seed: int, group_size: int, *, group_id: str | None = None,
+                       policy_version: int = 0) -> tuple[list[Rollout], GenerationStats]:
+        """G = ``group_size`` rollouts of the task ``env.reset(seed)``, sampled together.
+
+        ``model``: a causal LM (``generate``); put in eval mode under ``torch.no_grad`` for the duration and
+        returned to its previous train/eval mode afterwards. Returns the rollouts (``advantage`` None: the
+        caller computes group advantages) and their :class:`GenerationStats`. Errors of ``env.reset`` propagate
+        (a task that cannot start is a configuration problem); errors of ``env.step`` end only that rollout.
+        """
+        if group_size < 1:
+            raise ValueError(f"group_size: expected >= 1, got {group_size}")
+        started = time.perf_counter()
+        group_id = group_id if group_id is not None else f"seed-{seed}"
+        while len(self._envs) < group_size:
+            self._envs.append(self.env_factory())
+        episodes = []
+        for env in self._envs[:group_size]:
+            try:
+                opening = env.reset(seed)
+            except Exception as err:
+                raise RuntimeError(f"{type(env).__name__}.reset({seed}) failed: {type(err).__name__}: {err}") from err
+            episodes.append(_Episode(env, RolloutBuilder(self.tokenizer, opening), seed))
+        task = opening[-1]["content"][:_TASK_CHARS]
+
+        stats = GenerationStats()
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.no_grad():
+                for _ in range(self.settings.max_turns):
+                    running = [e for e in episodes if e.stop_reason is None]
+                    running = [e for e in running if self._has_room(e)]
+                    if not running:
+                        break
+                    stats.sampled_tokens += self._sample_turn(model, running)
+                    self._step_envs([e for e in running if e.stop_reason is None], stats)
+        finally:
+            model.train(was_training)
+
+        rollouts = []
+        for episode in episodes:
+            if episode.stop_reason is None:
+                episode.stop_reason = "max_turns"
+            stats.rollouts += 1
+            stats.turns += episode.turns
+            stats.successes += int(episode.success)
+            stats.invalid_actions += episode.invalid_actions
+            stats.reward_sum += episode.reward
+            metadata = {"task": task, "env_seed": seed, "turns": episode.turns, "success": episode.success,
+                        "invalid_actions": episode.invalid_actions, "stop_reason": episode.stop_reason,
+                        "env_error": episode.env_error, "env": type(episode.env).__name__}
+            if "task_type" in episode.info:
+                metadata["task_type"] = episode.info["task_type"]
+            rollouts.append(episode.builder.to_rollout(episode.reward, group_id, policy_version=policy_version,
+                                                       metadata=metadata))
+        stats.seconds = time.perf_counter() - started
+        return rollouts, stats
+
+    # ------------------------------------------------------------------ one turn
+    def _budget(self, episode: _Episode) -> int:
+        """Tokens this episode may still sample this turn (one position is kept for the end-of-turn token)."""
+        left = self.settings.max_total_tokens - len(episode.builder.input_ids) - 1
+        return min(self.settings.max_new_tokens, left)
+
+    def _has_room(self, episode: _Episode) -> bool:
+        if self._budget(episode) < 1:
+            episode.stop_reason = "max_total_tokens"
+            return False
+        return True
+
+    def _sample_turn(self, model, episodes: list[_Episode]) -> int:
+        """Sample one assistant turn for every episode in one batched ``generate``; returns the tokens kept."""
+        end_of_turn = episodes[0].builder.end_of_turn_id
+        prompts = [e.builder.prompt_ids() for e in episodes]
+        budgets = [self._budget(e) for e in episodes]
+        device = model.get_input_embeddings().weight.device
+        width = max(len(p) for p in prompts)
+        # Left padding: every row's next token is at the same position, which batched decoding needs.
+        input_ids = torch.full((len(prompts), width), self.pad_token_id, dtype=torch.long)  # [n, W]
+        attention_mask = torch.zeros((len(prompts), width), dtype=torch.long)  # [n, W]
+        for i, prompt in enumerate(prompts):
+            input_ids[i, width - len(prompt):] = torch.tensor(prompt, dtype=torch.long)
+            attention_mask[i, width - len(prompt):] = 1
+        out = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
+                             **self._generate_kwargs(end_of_turn, max(budgets)))
+        sampled = out.sequences[:, width:].cpu()  # [n, S]
+        # Sampling log-probs of the drawn ids, one generation step at a time ([n, V] each) to bound memory.
+        logprobs = torch.stack([
+            torch.log_softmax(step_logits.float() / self.settings.temperature, dim=-1)
+            .gather(1, sampled[:, s:s + 1].to(step_logits.device)).squeeze(1).cpu()
+            for s, step_logits in enumerate(out.logits)], dim=1)  # [n, S]
+        kept = 0
+        for i, episode in enumerate(episodes):
+            ids = sampled[i].tolist()
+            # Everything after the first end-of-turn is padding generate wrote for a finished row.
+            n = ids.index(end_of_turn) + 1 if end_of_turn in ids else len(ids)
+            n = min(n, budgets[i])
+            episode.builder.add_action(ids[:n], logprobs[i, :n].tolist())
+            episode.turns += 1
+            kept += n
+            if ids[n - 1] != end_of_turn and budgets[i] < self.settings.max_new_tokens:
+                # Cut by the conversation's token limit: there is no room for an observation and another turn.
+                episode.stop_reason = "max_total_tokens"
+        return kept
+
+    def _generate_kwargs(self, end_of_turn: int, max_new_tokens: int) -> dict[str, Any]:
+        s = self.settings
+        # Every processor that would change the sampling distribution is set explicitly: values left unset are
+        # filled from the checkpoint's generation_config (e.g. a repetition penalty), which the trainer cannot
+        # reproduce when it recomputes log-probs.
+        return dict(do_sample=True, temperature=s.temperature, top_p=s.top_p, top_k=0, min_p=0.0,
+                    typical_p=1.0, epsilon_cutoff=0.0, eta_cutoff=0.0, repetition_penalty=1.0,
+                    no_repeat_ngram_size=0, min_new_tokens=0, max_new_tokens=max_new_tokens,
+                    eos_token_id=end_of_turn, pad_token_id=self.pad_token_id, use_cache=True,
+                    output_logits=True, return_dict_in_generate=True)
+
+    # ------------------------------------------------------------------ environment
+    def _step_envs(self, episodes: list[_Episode], stats: GenerationStats) -> None:
+        if not episodes:
+            return
+        actions = [e.builder.messages[-1]["content"] for e in episodes]  # sampled text, end-of-turn excluded
+        results = step_all([e.env for e in episodes], actions, self.settings.env_step_timeout_s)
+        for episode, result in zip(episodes, results):
+            if isinstance(result, StepFailure):
+                self._fail(episode, result, stats)
+                continue
+            self._observe(episode, result)
+
+    def _observe(self, episode: _Episode, result: StepResult) -> None:
+        observation = truncate_observation(result.observation, self.settings.max_observation_chars)
+        episode.builder.add_observation(observation, result.warning)
+        episode.reward += float(result.reward)
+        episode.info = dict(result.info)
+        if result.info.get("valid_action") is False:
+            episode.invalid_actions += 1
+        if result.info.get("success"):
+            episode.success = True
+        if result.done:
+            episode.stop_reason = "done"
+
+    def _fail(self, episode: _Episode, failure: StepFailure, stats: GenerationStats) -> None:
+        log.warning("%s (seed %d, turn %d): %s; the rollout ends with reward 0", type(episode.env).__name__,
+                    episode.seed, episode.turns, failure.message)
+        episode.builder.add_observation("", failure.message)
+        episode.reward = 0.0
+        episode.success = False
+        episode.env_error = failure.message
+        episode.stop_reason = "env_error"
+        stats.env_errors += 1
+        if failure.timed_out:
+            stats.env_timeouts += 1
+            # Its step may still be running in a daemon thread: never touch this instance again.
+            index = next(i for i, env in enumerate(self._envs) if env is episode.env)
+            self._envs[index] = self.env_factory()

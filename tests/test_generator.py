@@ -1,0 +1,232 @@
+"""The batched multi-turn generator with a real tiny model, a real tokenizer and chat template, real environments.
+
+The sampled ids are checked against what HF ``generate`` itself returned (recorded by wrapping the model's
+``generate``), the log-probs against a fresh forward pass, the roles against what the environment saw and said.
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+from lit_echo import models
+from lit_echo.chat import RolloutBuilder, role_spans_text
+from lit_echo.envs.base import StepResult
+from lit_echo.envs.shellworld import ShellWorld
+from lit_echo.logprobs import chunked_logprobs
+from lit_echo.online.generator import GroupGenerator, SamplingSettings, truncate_observation
+from lit_echo.roles import Role
+
+END = "<|im_end|>"
+
+
+class ScriptedEnv:
+    """Three turns; records the actions it received; observations include text that looks like template."""
+
+    def __init__(self, observation_chars: int = 0):
+        self.observation_chars = observation_chars
+        self.turn = 0
+        self.actions: list[str] = []
+        self.observations: list[str] = []
+
+    def reset(self, seed: int):
+        self.actions, self.observations, self.turn = [], [], 0
+        return [{"role": "system", "content": "You are a test agent."},
+                {"role": "user", "content": f"Task {seed}: say anything."}]
+
+    def step(self, action: str) -> StepResult:
+        self.turn += 1
+        self.actions.append(action)
+        text = f"turn {self.turn} <|im_end|> saw {len(action)} chars\n"
+        if self.observation_chars:
+            text = "x" * self.observation_chars
+        self.observations.append(text)
+        return StepResult(text, reward=0.5, done=self.turn == 3, info={"valid_action": self.turn != 2})
+
+
+class FailingEnv(ScriptedEnv):
+    """Pays a reward on turn 1, then breaks on turn 2: by raising, or by hanging (60 s) past the time limit."""
+
+    def __init__(self, mode: str = "raise"):
+        super().__init__()
+        self.mode = mode
+
+    def step(self, action: str) -> StepResult:
+        if self.turn == 1:
+            if self.mode == "raise":
+                raise ValueError("boom")
+            time.sleep(60)
+        return super().step(action)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_checkpoint):
+    return models.load_tokenizer(str(tiny_checkpoint))
+
+
+@pytest.fixture(scope="module")
+def model(tiny_checkpoint):
+    torch.manual_seed(0)
+    model = models.build_model(str(tiny_checkpoint), lora_rank=4)
+    with torch.no_grad():  # non-zero adapters, so sampling really goes through them
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.05)
+    return model
+
+
+class GenerateSpy:
+    """Records ``(prompt width, sequences)`` of every ``model.generate`` call (HF's own output)."""
+
+    def __init__(self, model, monkeypatch):
+        self.calls: list[tuple[int, torch.Tensor]] = []
+        original = model.generate
+
+        def generate(*args, **kwargs):
+            out = original(*args, **kwargs)
+            self.calls.append((kwargs["input_ids"].shape[1], out.sequences.clone()))
+            return out
+
+        monkeypatch.setattr(model, "generate", generate)
+
+
+def _envs(generator):
+    return generator._envs
+
+
+def test_actions_are_the_sampled_ids_with_their_logprobs(model, tokenizer, monkeypatch):
+    spy = GenerateSpy(model, monkeypatch)
+    settings = SamplingSettings(temperature=0.7, top_p=0.9, max_new_tokens=12, max_turns=3)
+    generator = GroupGenerator(ScriptedEnv, tokenizer, settings)
+    model.train()
+    torch.manual_seed(1)
+    rollouts, stats = generator.generate_group(model, seed=7, group_size=3, policy_version=4)
+    assert model.training, "train mode must be restored after generation"
+    assert len(rollouts) == 3 and len(spy.calls) == 3  # every rollout runs all 3 turns, so 3 batched calls
+    end = tokenizer.convert_tokens_to_ids(END)
+
+    for i, rollout in enumerate(rollouts):
+        # What generate returned for row i of each turn, cut after the end-of-turn token.
+        expected: list[int] = []
+        for width, sequences in spy.calls:
+            ids = sequences[i, width:].tolist()
+            expected += ids[: ids.index(end) + 1] if end in ids else ids
+        action = [t for t, r in zip(rollout.input_ids, rollout.roles) if r == Role.ACTION]
+        assert action == expected
+        assert rollout.policy_version == 4 and rollout.group_id == "seed-7"
+        assert rollout.metadata["turns"] == 3 and rollout.metadata["env_seed"] == 7
+        assert rollout.metadata["invalid_actions"] == 1 and rollout.reward == pytest.approx(1.5)
+    assert stats.rollouts == 3 and stats.turns == 9 and stats.invalid_actions == 3
+
+    # Sampling log-probs == a fresh forward pass at the sampling temperature (ACTION targets).
+    model.eval()
+    for rollout in rollouts:
+        ids = torch.tensor([rollout.input_ids])
+        roles = torch.tensor([rollout.roles])[:, 1:]
+        with torch.no_grad():
+            hidden = models.hidden_states(model, ids, torch.ones_like(ids))[:, :-1]
+            logp = chunked_logprobs(hidden, models.output_head(model), ids[:, 1:], temperature=0.7,
+                                    temperature_mask=roles == Role.ACTION)[0]
+        stored = [(t, lp) for t, lp in enumerate(rollout.logprobs) if lp is not None]
+        assert stored and all(rollout.roles[t] == Role.ACTION for t, _ in stored)
+        positions = torch.tensor([t - 1 for t, _ in stored])
+        torch.testing.assert_close(logp[positions], torch.tensor([lp for _, lp in stored]), atol=2e-4, rtol=0)
+
+
+def test_roles_round_trip_to_what_the_environment_saw_and_said(model, tokenizer):
+    generator = GroupGenerator(ScriptedEnv, tokenizer, SamplingSettings(max_new_tokens=10, max_turns=3))
+    rollouts, _ = generator.generate_group(model, seed=0, group_size=2)
+    end = tokenizer.convert_tokens_to_ids(END)
+    for rollout, env in zip(rollouts, _envs(generator)):
+        spans = role_spans_text(tokenizer, rollout.input_ids, rollout.roles)
+        actions = [text for role, text in spans if role == Role.ACTION]
+        observations = [text for role, text in spans if role == Role.OBSERVATION]
+        assert observations == env.observations  # exactly the environment's text, special-token lookalikes too
+        # Each ACTION span is the text the environment received, plus the end-of-turn token when it was sampled.
+        sampled_end = [rollout.input_ids[t] == end and rollout.roles[t] == Role.ACTION
+                       for t in range(len(rollout)) if t + 1 == len(rollout) or rollout.roles[t + 1] != Role.ACTION]
+        assert len(actions) == len(env.actions) == 3
+        for text, action, ended in zip(actions, env.actions, sampled_end):
+            assert text == action + (END if ended else "")
+
+
+def test_long_observations_are_cut_with_a_visible_notice(model, tokenizer):
+    settings = SamplingSettings(max_new_tokens=4, max_turns=1, max_observation_chars=50)
+    generator = GroupGenerator(lambda: ScriptedEnv(observation_chars=130), tokenizer, settings)
+    (rollout,), _ = generator.generate_group(model, seed=0, group_size=1)
+    observation = [text for role, text in role_spans_text(tokenizer, rollout.input_ids, rollout.roles)
+                   if role == Role.OBSERVATION]
+    assert observation == [truncate_observation("x" * 130, 50)]
+    assert observation[0] == "x" * 50 + "\n[observation truncated: 80 more characters]\n"
+
+
+def test_max_total_tokens_stops_the_rollout(model, tokenizer):
+    prompt = len(RolloutBuilder(tokenizer, ScriptedEnv().reset(0)).prompt_ids())
+    settings = SamplingSettings(max_new_tokens=64, max_turns=3, max_total_tokens=prompt + 6)
+    generator = GroupGenerator(ScriptedEnv, tokenizer, settings)
+    (rollout,), stats = generator.generate_group(model, seed=0, group_size=1)
+    assert rollout.metadata["stop_reason"] == "max_total_tokens"
+    assert sum(r == Role.ACTION for r in rollout.roles) <= 5  # one position is kept for the end-of-turn token
+    assert stats.sampled_tokens <= 5
+
+
+@pytest.mark.parametrize("mode", ["raise", "hang"])
+def test_a_failing_environment_ends_only_its_rollout(model, tokenizer, mode):
+    settings = SamplingSettings(max_new_tokens=6, max_turns=3, env_step_timeout_s=0.5)
+    generator = GroupGenerator(lambda: FailingEnv(mode), tokenizer, settings)
+    started = time.perf_counter()
+    rollouts, stats = generator.generate_group(model, seed=0, group_size=2)
+    assert time.perf_counter() - started < 30  # the hanging step (60 s) was not waited for
+    message = "[environment error: ValueError: boom]" if mode == "raise" else \
+        "[environment error: step timed out after 0.5 s]"
+    for rollout in rollouts:
+        assert rollout.reward == 0.0  # the turn-1 reward is void
+        assert rollout.metadata["stop_reason"] == "env_error" and rollout.metadata["env_error"] == message
+        assert rollout.metadata["turns"] == 2
+        spans = role_spans_text(tokenizer, rollout.input_ids, rollout.roles)
+        assert spans[-2] == (Role.WARNING, message)  # a harness message, not environment text to learn
+    assert stats.env_errors == 2 and stats.env_timeouts == (2 if mode == "hang" else 0)
+    if mode == "hang":  # hung instances are never reused
+        assert all(env.turn == 0 for env in _envs(generator))
+    # The generator keeps working.
+    rollouts, _ = generator.generate_group(model, seed=1, group_size=2)
+    assert len(rollouts) == 2
+
+
+def test_a_group_plays_one_task_in_g_environment_instances(model, tokenizer):
+    generator = GroupGenerator(lambda: ShellWorld("train", max_turns=2), tokenizer,
+                               SamplingSettings(max_new_tokens=8, max_turns=2))
+    rollouts, stats = generator.generate_group(model, seed=5, group_size=3, group_id="shell-5")
+    envs = _envs(generator)
+    assert len({id(env) for env in envs}) == 3 and all(env.seed == 5 for env in envs)
+    question = ShellWorld("train").reset(5)[-1]["content"]
+    for rollout in rollouts:
+        assert rollout.group_id == "shell-5" and rollout.metadata["task"] == question
+        assert rollout.metadata["task_type"] == envs[0].task.type
+    assert stats.rollouts == 3 and stats.sampled_tokens > 0 and stats.seconds > 0
+
+
+def test_4bit_generate_then_train_keeps_every_lora_gradient(tiny_checkpoint, tokenizer):
+    """platform.md: after generate, bitsandbytes' CPU repacking would cut LoRA gradients; the guard keeps them."""
+    torch.manual_seed(0)
+    model = models.build_model(str(tiny_checkpoint), quantization="4bit", lora_rank=4)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.05)  # non-zero B, so lora_A gets a gradient too
+    generator = GroupGenerator(lambda: ShellWorld("train", max_turns=2), tokenizer,
+                               SamplingSettings(max_new_tokens=8, max_turns=2))
+    for _ in range(2):  # alternate: generate, train, generate, train
+        model.train()
+        rollouts, _ = generator.generate_group(model, seed=0, group_size=2)
+        assert model.training
+        ids = torch.tensor([rollouts[0].input_ids])
+        hidden = models.hidden_states(model, ids, torch.ones_like(ids))[:, :-1]
+        logp = chunked_logprobs(hidden, models.output_head(model), ids[:, 1:])
+        model.zero_grad(set_to_none=True)
+        (-logp.mean()).backward()
+        lora = [(n, p) for n, p in model.named_parameters() if "lora_" in n]
+        missing = [n for n, p in lora if p.grad is None or not p.grad.abs().sum() > 0]
+        assert lora and not missing, f"{len(missing)} of {len(lora)} LoRA parameters got no gradient"

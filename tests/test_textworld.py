@@ -1,0 +1,72 @@
+"""The TextWorld adapter on a real game made offline with tw-make (skipped when textworld is not installed)."""
+
+from __future__ import annotations
+
+import pytest
+
+textworld = pytest.importorskip("textworld")
+
+from lit_echo import models  # noqa: E402  (after the skip: nothing to test without textworld)
+from lit_echo.chat import role_spans_text  # noqa: E402
+from lit_echo.envs.textworld import NO_CMD_WARNING, TextWorldEnv, clean_feedback, make_games  # noqa: E402
+from lit_echo.online.generator import GroupGenerator, SamplingSettings  # noqa: E402
+from lit_echo.roles import Role  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def game(tmp_path_factory):
+    (path,) = make_games(tmp_path_factory.mktemp("tw"), games=1, seed=1, world_size=3, nb_objects=5,
+                         quest_length=2)
+    return path
+
+
+def _walkthrough(path) -> list[str]:
+    env = textworld.start(str(path), request_infos=textworld.EnvInfos(policy_commands=True))
+    try:
+        return list(env.reset().policy_commands)
+    finally:
+        env.close()
+
+
+def test_walkthrough_wins_with_total_reward_one(game):
+    env = TextWorldEnv(str(game.parent), max_turns=20)
+    opening = env.reset(0)
+    assert [m["role"] for m in opening] == ["system", "user"]
+    assert "$$" not in opening[1]["content"] and "objective" in opening[1]["content"].lower()
+    total, result = 0.0, None
+    for command in _walkthrough(game):
+        result = env.step(command)
+        assert result.info["valid_action"] and result.warning is None
+        total += result.reward
+    assert result.done and result.info["success"] and total == pytest.approx(1.0)
+    assert not result.observation.rstrip().endswith("=-")  # prompt and status bar removed
+
+
+def test_command_formats_and_invalid_commands(game):
+    env = TextWorldEnv(str(game), max_turns=3, command_format="cmd")
+    env.reset(0)
+    no_cmd = env.step("go east")
+    assert no_cmd.warning == NO_CMD_WARNING and no_cmd.observation == "" and not no_cmd.info["valid_action"]
+    nonsense = env.step("I try <cmd>xyzzy</cmd>")
+    assert nonsense.warning is None and "not a verb" in nonsense.observation and not nonsense.info["valid_action"]
+    last = env.step("<cmd>look</cmd>")
+    assert last.done and last.info["valid_action"] and last.reward == 0.0  # max_turns reached
+    with pytest.raises(RuntimeError, match="finished episode"):
+        env.step("<cmd>look</cmd>")
+
+
+def test_clean_feedback_strips_prompt_and_status_bar():
+    assert clean_feedback("\n\nYou see a box.\n\n>          -= Studio =-0/2") == "You see a box.\n"
+
+
+def test_generator_plays_textworld(game, tiny_checkpoint):
+    tokenizer = models.load_tokenizer(str(tiny_checkpoint))
+    model = models.build_model(str(tiny_checkpoint), lora_rank=4)
+    generator = GroupGenerator(lambda: TextWorldEnv(str(game), max_turns=2), tokenizer,
+                               SamplingSettings(max_new_tokens=6, max_turns=2))
+    rollouts, stats = generator.generate_group(model, seed=0, group_size=2)
+    assert stats.rollouts == 2 and stats.env_errors == 0
+    for rollout in rollouts:
+        assert rollout.metadata["turns"] == 2 and rollout.metadata["task_type"] == "textworld"
+        spans = role_spans_text(tokenizer, rollout.input_ids, rollout.roles)
+        assert any(role in (Role.OBSERVATION, Role.WARNING) for role, _ in spans)
