@@ -20,7 +20,7 @@ import lightning as L
 import torch
 
 from lit_echo import models
-from lit_echo.logprobs import chunked_logprobs
+from lit_echo.logprobs import CHUNK_ELEMENTS, chunked_logprobs
 from lit_echo.losses import compute_normalizers, echo_loss
 from lit_echo.metrics import masked_nll_and_accuracy
 from lit_echo.roles import Role
@@ -59,7 +59,7 @@ class EchoModule(L.LightningModule):
         lr, weight_decay, betas, optimizer ("adamw" | "adamw8bit"), warmup_steps (linear warmup, then constant
         or cosine to 10% by ``lr_schedule``), gradient_clip_val (norm; None = off), micro_batch_size (None = whole
         batch in one pass), max_nonfinite_steps (stop after this many non-finite steps in a row),
-        logprob_chunk_size (positions per LM-head chunk).
+        logprob_chunk_size (positions per LM-head chunk; None: about 64 MiB of float32 logits per chunk).
     """
 
     def __init__(
@@ -103,7 +103,7 @@ class EchoModule(L.LightningModule):
         gradient_clip_val: float | None = 1.0,
         micro_batch_size: int | None = None,
         max_nonfinite_steps: int = 3,
-        logprob_chunk_size: int = 256,
+        logprob_chunk_size: int | None = None,
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -250,6 +250,8 @@ class EchoModule(L.LightningModule):
             "policy/clipfrac": m["clipfrac"],
             "policy/ratio_mean": m["ratio_mean"],
             "policy/entropy": entropy[action].mean().item() if action.any() else 0.0,
+            # The surrogate's value is -advantage at ratio 1; the NLL of the actions shows imitation progress.
+            "policy/nll_action": -logp[action].mean().item() if action.any() else 0.0,
             "policy/kl": m.get("kl", 0.0),
             "reward/mean": batch["rewards"].mean(),
             "world_policy_ratio": m["world_policy_ratio"],
@@ -270,8 +272,9 @@ class EchoModule(L.LightningModule):
         input_ids, attention_mask = batch["input_ids"], batch["attention_mask"]
         target_roles = batch["roles"][:, 1:]
         hidden = models.hidden_states(self.model, input_ids, attention_mask)[:, :-1]  # [B, T-1, H]
+        chunk = self.hparams.logprob_chunk_size or CHUNK_ELEMENTS // self.model.config.vocab_size
         sums = masked_nll_and_accuracy(hidden, models.output_head(self.model), input_ids[:, 1:],
-                                       target_roles == Role.OBSERVATION, self.hparams.logprob_chunk_size)
+                                       target_roles == Role.OBSERVATION, chunk)
         self._val_sums.append(torch.stack(sums))  # [3]: nll_sum, correct_sum, count
 
     def on_validation_epoch_end(self) -> None:

@@ -153,10 +153,10 @@ def test_configuration_errors_are_explicit():
 
 def test_tiny_online_recipe_runs_and_its_buffer_reads_back(tmp_path):
     """configs/tiny-online.yaml through the CLI (shortened), then RolloutDataModule(train_path=buffer dir)."""
-    from lit_echo.cli import main
+    from lit_echo.cli import run
 
     buffer_dir = tmp_path / "rollouts"
-    main(["fit", "--config", str(REPO / "configs/tiny-online.yaml"), "--trainer.max_steps=2",
+    run(["fit", "--config", str(REPO / "configs/tiny-online.yaml"), "--trainer.max_steps=2",
           "--trainer.val_check_interval=2", f"--trainer.default_root_dir={tmp_path}",
           f"--trainer.logger.init_args.save_dir={tmp_path}", f"--data.init_args.buffer_dir={buffer_dir}",
           f"--data.init_args.offline_path={REPO / 'data/sample/train.jsonl'}"])
@@ -170,8 +170,8 @@ def test_tiny_online_recipe_runs_and_its_buffer_reads_back(tmp_path):
 
 
 def test_textworld_recipe_is_a_valid_config():
-    from lit_echo.cli import main
+    from lit_echo.cli import run
 
     with pytest.raises(SystemExit) as exit_info:
-        main(["fit", "--config", str(REPO / "configs/textworld.yaml"), "--print_config"])
+        run(["fit", "--config", str(REPO / "configs/textworld.yaml"), "--print_config"])
     assert exit_info.value.code in (0, None)
