@@ -4,7 +4,7 @@ The public API is re-exported here lazily, so ``import lit_echo.losses`` (pure t
 transformers or peft.
 """
 
-from importlib import import_module
+from lit_echo._lazy import lazy_getattr
 
 __version__ = "0.1.0"
 
@@ -27,12 +27,7 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str):
-    if name in _EXPORTS:
-        value = getattr(import_module(_EXPORTS[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'lit_echo' has no attribute {name!r}")
+__getattr__ = lazy_getattr("lit_echo", _EXPORTS, globals())
 
 
 def __dir__():

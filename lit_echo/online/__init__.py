@@ -5,7 +5,7 @@
   JSON-lines record of every rollout (:mod:`.writer`) and rollout metrics in the loggers (:mod:`.reporting`).
 """
 
-from importlib import import_module
+from lit_echo._lazy import lazy_getattr
 
 _EXPORTS = {
     "GroupGenerator": "lit_echo.online.generator",
@@ -17,10 +17,4 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str):
-    # Lazy, like lit_echo/__init__.py: the generator does not need Lightning.
-    if name in _EXPORTS:
-        value = getattr(import_module(_EXPORTS[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'lit_echo.online' has no attribute {name!r}")
+__getattr__ = lazy_getattr("lit_echo.online", _EXPORTS, globals())
