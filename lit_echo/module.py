@@ -106,6 +106,11 @@ class EchoModule(L.LightningModule):
         logprob_chunk_size: int | None = None,
     ):
         super().__init__()
+        if paw_select_fraction is not None and world_norm == "token_mean":
+            # token_mean divides by the step's count of *selected* tokens, which needs every micro-batch's
+            # entropies before the first backward; PaW itself normalizes per observation (full_observation).
+            raise ValueError("paw_select_fraction needs world_norm 'full_observation' (PaW's) or 'selected', "
+                             "not 'token_mean'")
         self.save_hyperparameters()
         self.automatic_optimization = False
         self.strict_loading = False  # checkpoints hold the adapters only; the frozen base comes from the hub/disk

@@ -138,3 +138,11 @@ def test_ddp_two_processes_match_one_process_gradients(tiny_checkpoint, tmp_path
     assert one.keys() == two.keys() and len(one) > 0
     for name in one:
         assert two[name] == pytest.approx(one[name], rel=1e-4, abs=1e-7), name
+
+
+def test_paw_options_train_and_bad_combination_is_rejected(tiny_checkpoint, tmp_path):
+    _, module, losses = _fit(tiny_checkpoint, tmp_path, 2, paw_select_fraction=0.75, paw_reward_adaptive=True,
+                             world_coef=1.0, kl_coef=0.1)
+    assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses)))
+    with pytest.raises(ValueError, match="paw_select_fraction needs world_norm"):
+        EchoModule(str(tiny_checkpoint), paw_select_fraction=0.75, world_norm="token_mean")
