@@ -21,10 +21,10 @@ import torch
 from lit_echo import models
 from lit_echo.data.buffer import RolloutBuffer
 from lit_echo.data.collate import RolloutCollator
-from lit_echo.metrics import masked_nll_and_accuracy
+from lit_echo.envs.expert import seed_range
+from lit_echo.metrics import world_model_sums
 from lit_echo.online.datamodule import import_env_class
 from lit_echo.online.generator import GroupGenerator, SamplingSettings
-from lit_echo.roles import Role
 
 
 def load_policy(model: str, adapter: str | None):
@@ -62,17 +62,11 @@ def world_metrics(policy, tokenizer, buffer: str, batch_size: int = 8, max_lengt
         batch = collate(items[start:start + batch_size])
         device = policy.get_input_embeddings().weight.device
         ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
-        hidden = models.hidden_states(policy, ids, mask)[:, :-1]
-        sums += torch.stack(masked_nll_and_accuracy(hidden, models.output_head(policy), ids[:, 1:],
-                                                    batch["roles"][:, 1:].to(device) == Role.OBSERVATION)).cpu()
+        hidden = models.hidden_states(policy, ids, mask)  # [B, T, H]
+        sums += world_model_sums(hidden, models.output_head(policy), ids, batch["roles"].to(device)).cpu()
     count = max(sums[2].item(), 1.0)
     return {"world_nll": sums[0].item() / count, "world_acc": sums[1].item() / count,
             "world_tokens": int(sums[2].item())}
-
-
-def _seeds(text: str) -> range:
-    start, _, stop = text.partition(":")
-    return range(int(start), int(stop))
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -81,7 +75,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--adapter", default=None, help="LoRA adapter directory (peft format)")
     parser.add_argument("--env-class", default="lit_echo.envs.shellworld.ShellWorld")
     parser.add_argument("--env-kwargs", default='{"split": "heldout_trees"}', type=json.loads)
-    parser.add_argument("--seeds", default="0:8", type=_seeds, help="task seeds START:STOP")
+    parser.add_argument("--seeds", default="0:8", type=seed_range, help="task seeds START:STOP")
     parser.add_argument("--samples", default=8, type=int, help="rollouts per task seed")
     parser.add_argument("--temperature", default=0.8, type=float)
     parser.add_argument("--top-p", default=1.0, type=float)

@@ -8,6 +8,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from lit_echo.roles import Role
+
 
 @torch.no_grad()
 def masked_nll_and_accuracy(hidden: torch.Tensor, lm_head: nn.Module, targets: torch.Tensor, mask: torch.Tensor,
@@ -34,3 +36,16 @@ def masked_nll_and_accuracy(hidden: torch.Tensor, lm_head: nn.Module, targets: t
         correct += (logits.argmax(dim=-1) == target).double().sum()
     count = torch.tensor(float(flat_targets.numel()), dtype=torch.float64, device=hidden.device)
     return nll, correct, count
+
+
+def world_model_sums(hidden: torch.Tensor, lm_head: nn.Module, input_ids: torch.Tensor, roles: torch.Tensor,
+                     chunk_size: int = 256) -> torch.Tensor:
+    """[3] float64 (nll_sum, correct_sum, count) over the OBSERVATION targets of a batch.
+
+    Args:
+        hidden: [B, T, H] final hidden states of the whole sequence (position t predicts token t+1).
+        input_ids, roles: [B, T] tokens and their roles, unshifted.
+    """
+    targets = input_ids[:, 1:]  # [B, T-1]
+    mask = roles[:, 1:] == Role.OBSERVATION  # [B, T-1], the role of the token each position predicts
+    return torch.stack(masked_nll_and_accuracy(hidden[:, :-1], lm_head, targets, mask, chunk_size))

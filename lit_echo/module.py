@@ -22,7 +22,7 @@ import torch
 from lit_echo import models
 from lit_echo.logprobs import CHUNK_ELEMENTS, chunked_logprobs
 from lit_echo.losses import compute_normalizers, echo_loss
-from lit_echo.metrics import masked_nll_and_accuracy
+from lit_echo.metrics import world_model_sums
 from lit_echo.roles import Role
 from lit_echo.schedules import WorldCoefSchedule, reward_adaptive_world_weights, select_transitions_by_entropy
 from lit_echo.schedules import transition_ids_from_roles
@@ -274,13 +274,11 @@ class EchoModule(L.LightningModule):
 
     # ------------------------------------------------------------------ validation: the world model
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        input_ids, attention_mask = batch["input_ids"], batch["attention_mask"]
-        target_roles = batch["roles"][:, 1:]
-        hidden = models.hidden_states(self.model, input_ids, attention_mask)[:, :-1]  # [B, T-1, H]
+        input_ids = batch["input_ids"]
+        hidden = models.hidden_states(self.model, input_ids, batch["attention_mask"])  # [B, T, H]
         chunk = self.hparams.logprob_chunk_size or CHUNK_ELEMENTS // self.model.config.vocab_size
-        sums = masked_nll_and_accuracy(hidden, models.output_head(self.model), input_ids[:, 1:],
-                                       target_roles == Role.OBSERVATION, chunk)
-        self._val_sums.append(torch.stack(sums))  # [3]: nll_sum, correct_sum, count
+        sums = world_model_sums(hidden, models.output_head(self.model), input_ids, batch["roles"], chunk)
+        self._val_sums.append(sums)  # [3]: nll_sum, correct_sum, count
 
     def on_validation_epoch_end(self) -> None:
         if not self._val_sums:

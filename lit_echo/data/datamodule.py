@@ -9,13 +9,7 @@ from torch.utils.data import DataLoader
 
 from lit_echo.data.buffer import RolloutBuffer
 from lit_echo.data.collate import RolloutCollator
-
-
-def load_tokenizer(name_or_path: str):
-    """Tokenizer for a built-in name (see lit_echo.pretrained), a local directory or a hub id."""
-    from lit_echo.pretrained import load_tokenizer as _load
-
-    return _load(name_or_path)
+from lit_echo.pretrained import load_tokenizer
 
 
 class _EpochLoader(DataLoader):
@@ -83,15 +77,10 @@ class RolloutDataModule(L.LightningDataModule):
             self._tokenizer = load_tokenizer(self.hparams.tokenizer)
         return self._tokenizer
 
-    def collator(self) -> RolloutCollator:
+    def collator(self, advantage: float | None = None) -> RolloutCollator:
         tok = self.tokenizer
         pad = 0 if tok is None else (tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
-        return RolloutCollator(pad, self.hparams.max_length, self.hparams.truncation)
-
-    def train_collator(self) -> RolloutCollator:
-        collator = self.collator()
-        collator.advantage = self.hparams.advantage
-        return collator
+        return RolloutCollator(pad, self.hparams.max_length, self.hparams.truncation, advantage)
 
     def _buffer(self, path, **overrides) -> RolloutBuffer:
         h = self.hparams
@@ -114,7 +103,7 @@ class RolloutDataModule(L.LightningDataModule):
         buffer = self._buffer(self.hparams.train_path, skip_batches=skip,
                               batch_size=self.hparams.batch_size)
         return _EpochLoader(buffer, batch_size=self.hparams.batch_size,
-                            collate_fn=self.train_collator(), num_workers=self.hparams.num_workers)
+                            collate_fn=self.collator(self.hparams.advantage), num_workers=self.hparams.num_workers)
 
     def val_dataloader(self) -> DataLoader | list:
         if not self.val_rollouts:

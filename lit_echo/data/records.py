@@ -5,9 +5,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from lit_echo.chat import MESSAGE_ROLES, tokenize_messages
 from lit_echo.rollout import BadRecordError, Rollout, parse_common_fields
-
-MESSAGE_ROLES = ("system", "user", "assistant", "tool")
 
 
 def validate_messages(messages: Any) -> list[dict[str, str]]:
@@ -57,8 +56,6 @@ def parse_record(line: str | bytes, tokenizer: Any = None) -> Rollout:
         common = parse_common_fields(record)
         if tokenizer is None:
             raise ValueError("messages records need a tokenizer: set the data module's 'tokenizer'")
-        from lit_echo.chat import tokenize_messages
-
         input_ids, roles = tokenize_messages(tokenizer, messages)
         return Rollout(input_ids=input_ids, roles=roles, logprobs=None, **common)
     if "input_ids" not in record:

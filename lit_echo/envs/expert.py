@@ -156,7 +156,8 @@ def _tool_message(observation: str, warning: str | None) -> dict[str, str]:
     return message
 
 
-def _seed_range(text: str) -> range:
+def seed_range(text: str) -> range:
+    """``"START:STOP"`` from a command line as a range of task seeds (argparse type)."""
     match = re.fullmatch(r"(\d+):(\d+)", text)
     if not match:
         raise argparse.ArgumentTypeError(f"--seeds: expected START:STOP (e.g. 0:200), got {text!r}")
@@ -186,7 +187,7 @@ def write_rollouts(records, out: str) -> int:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Write scripted-expert ShellWorld rollouts as JSON lines.")
     parser.add_argument("--split", default="train", choices=["train", "heldout_trees", "heldout_tasks"])
-    parser.add_argument("--seeds", type=_seed_range, default=range(0, 200), help="START:STOP (default 0:200)")
+    parser.add_argument("--seeds", type=seed_range, default=range(0, 200), help="START:STOP (default 0:200)")
     parser.add_argument("--out", required=True, help="output path; .gz compresses")
     parser.add_argument("--noise", type=float, default=0.0, help="probability of a malformed turn before each turn")
     parser.add_argument("--max-turns", type=int, default=8)
