@@ -5,7 +5,16 @@
   JSON-lines record of every rollout (:mod:`.writer`) and rollout metrics in the loggers (:mod:`.reporting`).
 """
 
+from typing import TYPE_CHECKING
+
 from lit_echo._lazy import lazy_getattr
+
+if TYPE_CHECKING:  # the same names for IDEs and type checkers (they do not run __getattr__)
+    from lit_echo.online.datamodule import OnlineRolloutDataModule as OnlineRolloutDataModule
+    from lit_echo.online.generator import GenerationStats as GenerationStats
+    from lit_echo.online.generator import GroupGenerator as GroupGenerator
+    from lit_echo.online.generator import SamplingSettings as SamplingSettings
+    from lit_echo.online.writer import RolloutWriter as RolloutWriter
 
 _EXPORTS = {
     "GroupGenerator": "lit_echo.online.generator",
