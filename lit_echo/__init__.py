@@ -7,7 +7,7 @@ do not run ``__getattr__``; ``tests/test_imports.py`` checks that the two lists 
 
 from typing import TYPE_CHECKING
 
-from lit_echo._lazy import lazy_getattr
+from lit_echo._lazy import exported_names, lazy_getattr
 
 if TYPE_CHECKING:  # ``name as name`` marks an explicit re-export (PEP 484)
     from lit_echo.callbacks import AdapterExport as AdapterExport
@@ -27,26 +27,21 @@ if TYPE_CHECKING:  # ``name as name`` marks an explicit re-export (PEP 484)
 
 __version__ = "0.1.0"
 
-_EXPORTS = {
-    "Role": "lit_echo.roles",
-    "Rollout": "lit_echo.rollout",
-    "BadRecordError": "lit_echo.rollout",
-    "tokenize_messages": "lit_echo.chat",
-    "RolloutBuilder": "lit_echo.chat",
-    "ChatTemplateError": "lit_echo.chat",
-    "echo_loss": "lit_echo.losses",
-    "chunked_logprobs": "lit_echo.logprobs",
-    "RolloutBuffer": "lit_echo.data.buffer",
-    "RolloutDataModule": "lit_echo.data.datamodule",
-    "EchoModule": "lit_echo.module",
-    "OnlineRolloutDataModule": "lit_echo.online.datamodule",
-    "GroupGenerator": "lit_echo.online.generator",
-    "AdapterExport": "lit_echo.callbacks",
+_EXPORTS = {  # module path: the public names it provides
+    "lit_echo.roles": ("Role",),
+    "lit_echo.rollout": ("Rollout", "BadRecordError"),
+    "lit_echo.chat": ("tokenize_messages", "RolloutBuilder", "ChatTemplateError"),
+    "lit_echo.losses": ("echo_loss",),
+    "lit_echo.logprobs": ("chunked_logprobs",),
+    "lit_echo.data.buffer": ("RolloutBuffer",),
+    "lit_echo.data.datamodule": ("RolloutDataModule",),
+    "lit_echo.module": ("EchoModule",),
+    "lit_echo.online.datamodule": ("OnlineRolloutDataModule",),
+    "lit_echo.online.generator": ("GroupGenerator",),
+    "lit_echo.callbacks": ("AdapterExport",),
 }
-__all__ = sorted(_EXPORTS)
-
-
-__getattr__ = lazy_getattr("lit_echo", _EXPORTS, globals())
+__all__ = exported_names(_EXPORTS)
+__getattr__ = lazy_getattr(__name__, _EXPORTS, globals())
 
 
 def __dir__():

@@ -55,14 +55,15 @@ def _type_checking_imports(module) -> dict[str, str]:
 def test_every_public_name_resolves_to_the_declared_module(package):
     for name in package.__all__:
         value: Any = getattr(package, name)
-        assert value.__module__ == package._EXPORTS[name], name
+        assert name in package._EXPORTS[value.__module__], name
     with pytest.raises(AttributeError, match="no attribute 'no_such_name'"):
         package.no_such_name  # noqa: B018
 
 
 @pytest.mark.parametrize("package", PACKAGES, ids=lambda p: p.__name__)
 def test_type_checker_imports_match_the_lazy_exports(package):
-    assert _type_checking_imports(package) == package._EXPORTS
+    declared = {name: module for module, names in package._EXPORTS.items() for name in names}
+    assert _type_checking_imports(package) == declared
 
 
 def test_dir_lists_the_public_api():

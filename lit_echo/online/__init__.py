@@ -7,7 +7,7 @@
 
 from typing import TYPE_CHECKING
 
-from lit_echo._lazy import lazy_getattr
+from lit_echo._lazy import exported_names, lazy_getattr
 
 if TYPE_CHECKING:  # the same names for IDEs and type checkers (they do not run __getattr__)
     from lit_echo.online.datamodule import OnlineRolloutDataModule as OnlineRolloutDataModule
@@ -16,14 +16,10 @@ if TYPE_CHECKING:  # the same names for IDEs and type checkers (they do not run 
     from lit_echo.online.generator import SamplingSettings as SamplingSettings
     from lit_echo.online.writer import RolloutWriter as RolloutWriter
 
-_EXPORTS = {
-    "GroupGenerator": "lit_echo.online.generator",
-    "SamplingSettings": "lit_echo.online.generator",
-    "GenerationStats": "lit_echo.online.generator",
-    "OnlineRolloutDataModule": "lit_echo.online.datamodule",
-    "RolloutWriter": "lit_echo.online.writer",
+_EXPORTS = {  # module path: the public names it provides
+    "lit_echo.online.generator": ("GroupGenerator", "SamplingSettings", "GenerationStats"),
+    "lit_echo.online.datamodule": ("OnlineRolloutDataModule",),
+    "lit_echo.online.writer": ("RolloutWriter",),
 }
-__all__ = sorted(_EXPORTS)
-
-
-__getattr__ = lazy_getattr("lit_echo.online", _EXPORTS, globals())
+__all__ = exported_names(_EXPORTS)
+__getattr__ = lazy_getattr(__name__, _EXPORTS, globals())
