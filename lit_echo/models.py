@@ -2,8 +2,9 @@
 
 Everything the LightningModule needs from the model lives here, with no Lightning import:
 
-- :func:`build_model` / :func:`load_tokenizer`: load a checkpoint (built-in name, local directory or hub id),
-  quantize it to 4 or 8 bit on request (QLoRA) and wrap it in LoRA adapters.
+- :func:`build_model`: load a checkpoint (built-in name, local directory or hub id), quantize it to 4 or 8 bit on
+  request (QLoRA) and wrap it in LoRA adapters. Its tokenizer comes from :func:`lit_echo.pretrained.load_tokenizer`
+  (re-exported here).
 - :func:`hidden_states` / :func:`output_head`: run the transformer body once and hand back the final hidden states
   ``[B, T, H]`` and the ``lm_head``, so the loss can compute log-probs in chunks instead of materialising full
   ``[B, T, V]`` logits.
@@ -27,9 +28,12 @@ from typing import TYPE_CHECKING, Literal
 import torch
 from torch import nn
 
+from lit_echo._checks import check_choice
+from lit_echo.pretrained import load_tokenizer as load_tokenizer  # re-exported: build_model's companion
+from lit_echo.pretrained import resolve_checkpoint
+
 if TYPE_CHECKING:  # heavy imports stay lazy so ``import lit_echo`` is cheap
     from peft import PeftModel
-    from transformers import PreTrainedTokenizerBase
 
 Quantization = Literal["none", "4bit", "8bit"]
 DType = Literal["auto", "float32", "bfloat16", "float16"]
@@ -46,41 +50,9 @@ _LOGIT_TRANSFORM_ATTRS = ("final_logit_softcapping", "logit_scale", "output_mult
 # --------------------------------------------------------------------------------------------------------------
 
 def resolve_model_path(model_name_or_path: str, cache_dir: str | None = None) -> str:
-    """Turn a model name into something ``from_pretrained`` accepts.
-
-    An existing local directory is used as is (so tests and offline users never need the name registry);
-    anything else goes through :func:`lit_echo.pretrained.resolve_checkpoint` (built-in names such as
-    ``"smollm2-135m-instruct"`` become a local directory, other strings are treated as hub ids).
-    """
-    if Path(model_name_or_path).is_dir():
-        return str(model_name_or_path)
-    from lit_echo.pretrained import resolve_checkpoint
-
+    """A local directory ``from_pretrained`` accepts, for a built-in name, a local directory or a hub id (as a
+    string; see :func:`lit_echo.pretrained.resolve_checkpoint`)."""
     return str(resolve_checkpoint(model_name_or_path, cache_dir=cache_dir))
-
-
-def load_tokenizer(model_name_or_path: str, *, cache_dir: str | None = None,
-                   trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
-    """Load the tokenizer of a checkpoint, padding on the right, with a pad token (the EOS token if it has none).
-
-    Right padding keeps a rollout's tokens at fixed positions from 0, which the token-role masks rely on.
-    """
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(model_name_or_path, cache_dir),
-                                              trust_remote_code=trust_remote_code)
-    if tokenizer.pad_token is None:
-        if tokenizer.eos_token is None:
-            raise ValueError(f"tokenizer of {model_name_or_path!r} has neither a pad nor an eos token; "
-                             "set tokenizer.pad_token before building batches")
-        tokenizer.pad_token = tokenizer.eos_token
-    tokenizer.padding_side = "right"
-    return tokenizer
-
-
-def _check_choice(name: str, value: str, choices) -> None:
-    if value not in choices:
-        raise ValueError(f"{name}={value!r} is not supported; expected one of {sorted(choices)}")
 
 
 def _quantization_config(quantization: str):
@@ -139,8 +111,8 @@ def build_model(
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM
 
-    _check_choice("quantization", quantization, ("none", "4bit", "8bit"))
-    _check_choice("dtype", dtype, ("auto", *_DTYPES))
+    check_choice("quantization", quantization, ("none", "4bit", "8bit"))
+    check_choice("dtype", dtype, ("auto", *_DTYPES))
 
     kwargs: dict = {"dtype": "auto" if dtype == "auto" else _DTYPES[dtype], "trust_remote_code": trust_remote_code}
     if quantization != "none":
@@ -293,11 +265,6 @@ def hidden_states(model: nn.Module, input_ids: torch.Tensor, attention_mask: tor
     """
     out = decoder(model)(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
     return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
-
-
-def lm_backbone_and_head(model: nn.Module) -> tuple[nn.Module, nn.Linear]:
-    """``(decoder(model), output_head(model))`` for callers that want both modules."""
-    return decoder(model), output_head(model)
 
 
 # --------------------------------------------------------------------------------------------------------------

