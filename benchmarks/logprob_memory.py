@@ -13,18 +13,22 @@ The peak includes the gradient buffers every method needs (d hidden and, for a t
 Time: the memory run's own time plus ``--repeats`` rounds in one more subprocess per case that runs the methods
 interleaved (the machine may be shared; interleaving spreads a slowdown over all methods); the median is reported.
 
-TRL (``pip install --no-deps trl``) is imported with empty stand-ins for ``pandas`` and ``datasets``: its
-``trainer/utils.py`` imports them at module level, ``selective_log_softmax`` never uses them, and pandas/pyarrow are
-compiled packages we do not install for a benchmark. On CPU TRL runs its pure-torch path (no Triton kernel).
+TRL comes with the ``bench`` extra (``pip install -e ".[bench]"``, which pins the version the README quotes); without
+it the TRL column is left out with a note (or, with ``--methods trl``, the run stops saying what to install). On CPU
+TRL runs its pure-torch path (no Triton kernel).
 
     python benchmarks/logprob_memory.py            # vocab 49,152 and 151,936, length 1,024 and 4,096, both heads
     python benchmarks/logprob_memory.py --quick    # length 1,024, trainable head only
+    python benchmarks/logprob_memory.py --tiny     # seconds: a smoke run of every code path (tests run it); its
+                                                   # sizes are too small for meaningful memory figures
+
+The exit status is 1 when a measurement failed or a method's log-probs/gradients disagree with the naive ones.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib.machinery
+import importlib.util
 import json
 import os
 import resource
@@ -32,29 +36,11 @@ import statistics
 import subprocess
 import sys
 import time
-import types
 
 METHODS = ("chunked", "naive", "trl")
-
-
-def _import_trl_selective_log_softmax():
-    for name in ("pandas", "datasets"):
-        try:
-            __import__(name)
-        except ModuleNotFoundError:
-            stub = types.ModuleType(name)
-            stub.__path__ = []
-            stub.__spec__ = importlib.machinery.ModuleSpec(name, None, is_package=True)
-
-            def _placeholder(attr, _name=name):
-                if attr.startswith("__"):
-                    raise AttributeError(attr)
-                return type(attr, (), {"__module__": _name})
-
-            stub.__getattr__ = _placeholder
-            sys.modules[name] = stub
-    from trl.trainer.utils import selective_log_softmax
-    return selective_log_softmax
+_TRL_INSTALL = 'pip install -e ".[bench]"  (pins the TRL version the README quotes)'
+# --tiny: every code path (subprocesses, both heads, several chunks per sequence) in seconds.
+_TINY = dict(vocab=[512], length=[64], hidden_size=32, chunk_size=16)
 
 
 def _rss_bytes() -> int:
@@ -87,7 +73,7 @@ def _step_fn(method, hidden, weight, targets, upstream, chunk_size, device):
         def logprobs():
             return naive_logprobs(hidden, weight, targets)
     else:
-        selective_log_softmax = _import_trl_selective_log_softmax()
+        from trl.trainer.utils import selective_log_softmax
 
         def logprobs():
             logits = F.linear(hidden, weight)  # [B, T, V]: what model(...).logits hands TRL
@@ -105,8 +91,11 @@ def _step_fn(method, hidden, weight, targets, upstream, chunk_size, device):
     return step
 
 
-def measure_memory(method, vocab, length, batch, hidden_size, head, chunk_size, device) -> dict:
-    """One forward + backward in this fresh process; peak bytes above the state before it."""
+def measure_memory(method, vocab, length, batch, hidden_size, head, chunk_size, device, require_growth=True) -> dict:
+    """One forward + backward in this fresh process; peak bytes above the state before it.
+
+    ``require_growth=False`` (``--tiny``) accepts a run too small to raise ``ru_maxrss``; its peak is then 0.
+    """
     import torch
 
     hidden, weight, targets, upstream = _setup(vocab, length, batch, hidden_size, head, device)
@@ -126,7 +115,7 @@ def measure_memory(method, vocab, length, batch, hidden_size, head, chunk_size, 
         logp = step()
         seconds = time.perf_counter() - start
         peak_after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-        if peak_after <= peak_before:
+        if peak_after <= peak_before and require_growth:
             raise RuntimeError("ru_maxrss did not grow during the run: an earlier peak hides this one")
         peak = peak_after - base
     grad_bytes = 4 * hidden.numel() + (4 * weight.numel() if weight.requires_grad else 0)
@@ -150,6 +139,9 @@ def measure_time(methods, vocab, length, batch, hidden_size, head, chunk_size, d
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="length 1,024 only, trainable head only")
+    parser.add_argument("--tiny", action="store_true",
+                        help="smoke run in seconds: vocab 512, length 64, hidden 32, chunk 16 (memory figures not "
+                             "meaningful)")
     parser.add_argument("--vocab", type=int, nargs="+", default=[49_152, 151_936])
     parser.add_argument("--length", type=int, nargs="+", default=None, help="default 1024 4096 (1024 with --quick)")
     parser.add_argument("--batch", type=int, default=1)
@@ -160,7 +152,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=1,
                         help="interleaved timed rounds per case, on top of the memory run's own timing")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    parser.add_argument("--methods", nargs="+", choices=METHODS, default=None,
+                        help="default: all three, TRL only when installed")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
 
@@ -171,6 +164,15 @@ def main() -> None:
         print(json.dumps(result))
         return
 
+    if args.tiny:
+        for name, value in _TINY.items():
+            setattr(args, name, value)
+    methods = args.methods or list(METHODS)
+    if "trl" in methods and importlib.util.find_spec("trl") is None:
+        if args.methods:
+            parser.error(f"--methods trl needs TRL: {_TRL_INSTALL}")
+        print(f"# TRL is not installed: its columns are left out. For the comparison: {_TRL_INSTALL}")
+        methods.remove("trl")
     lengths = args.length or ([1024] if args.quick else [1024, 4096])
     repeats = args.repeats
     heads = ["trainable", "frozen"] if args.head == "both" else [args.head]
@@ -183,16 +185,20 @@ def main() -> None:
           f"batch {args.batch}, hidden {args.hidden_size}, chunk {args.chunk_size or 'auto'}, "
           f"time = median of the memory run and {repeats} interleaved round(s)")
     print("# peak MiB = whole forward+backward; 'work' = peak minus the d hidden / d W gradient buffers all need")
-    print(f"{'head':9} {'vocab':>7} {'len':>5} | " + " ".join(f"{m + ' MiB':>11}" for m in args.methods)
-          + " | " + " ".join(f"{m + ' s':>9}" for m in args.methods)
+    print(f"{'head':9} {'vocab':>7} {'len':>5} | " + " ".join(f"{m + ' MiB':>11}" for m in methods)
+          + " | " + " ".join(f"{m + ' s':>9}" for m in methods)
           + " | mem chunk/naive chunk/trl (work: chunk/naive chunk/trl) | time chunk/naive trl/naive")
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                                                       os.environ.get("PYTHONPATH", "")]))
 
+    failures = 0
+
     def child(job):
+        nonlocal failures
         proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", json.dumps(job)],
                               capture_output=True, text=True, env=env)
         if proc.returncode != 0:
+            failures += 1
             print(f"{job} failed:\n{proc.stderr[-2000:]}", file=sys.stderr)
             return None
         return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -203,25 +209,31 @@ def main() -> None:
                 shape = dict(vocab=vocab, length=length, batch=args.batch, hidden_size=args.hidden_size, head=head,
                              chunk_size=args.chunk_size, device=args.device)
                 results = {}
-                for method in args.methods:
-                    res = child(dict(kind="memory", method=method, **shape))
+                for method in methods:
+                    res = child(dict(kind="memory", method=method, require_growth=not args.tiny, **shape))
                     if res is not None:
                         results[method] = res
                 times = child(dict(kind="time", methods=list(results), repeats=repeats, **shape)) or {}
                 for method, seconds in times.items():  # the memory run is one more timing sample
                     results[method]["time_s"] = statistics.median([results[method]["time_s"], *seconds])
-                _check_agreement(results)
-                print(_row(head, vocab, length, args.methods, results), flush=True)
+                failures += _count_disagreements(results)
+                print(_row(head, vocab, length, methods, results), flush=True)
+    if failures:
+        print(f"{failures} measurement(s) failed or disagreed with naive; see above", file=sys.stderr)
+        sys.exit(1)
 
 
-def _check_agreement(results: dict) -> None:
+def _count_disagreements(results: dict) -> int:
     if "naive" not in results:
-        return
+        return 0
     ref = results["naive"]
+    wrong = 0
     for method, res in results.items():
         for key in ("logp_sum", "grad_hidden_norm"):
             if abs(res[key] - ref[key]) > 1e-3 * max(1.0, abs(ref[key])):
-                print(f"WARNING: {method} {key}={res[key]} differs from naive {ref[key]}", file=sys.stderr)
+                print(f"ERROR: {method} {key}={res[key]} differs from naive {ref[key]}", file=sys.stderr)
+                wrong += 1
+    return wrong
 
 
 def _row(head, vocab, length, methods, results) -> str:
