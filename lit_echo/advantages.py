@@ -1,4 +1,4 @@
-"""Group-relative advantages (GRPO and Dr. GRPO), method.md section 4. Pure Python, no torch needed."""
+"""Group-relative advantages (GRPO and Dr. GRPO), docs/method.md §4. Pure Python, no torch needed."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Exact token roles for chat conversations, rendered with the tokenizer's own chat template (method.md §2).
+"""Exact token roles for chat conversations, rendered with the tokenizer's own chat template (docs/method.md §2).
 
 Two entry points:
 

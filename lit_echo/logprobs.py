@@ -14,7 +14,7 @@ way at the cost of a recomputed forward.
 Softmax is always taken in float32, whatever the dtype of ``hidden`` and of the head, and the head runs in the
 ambient autocast dtype when autocast is on (as ``lm_head(hidden)`` would).
 
-Temperature (method.md section 3): positions where ``temperature_mask`` is True (the ACTION targets, sampled at
+Temperature (docs/method.md §3.4): positions where ``temperature_mask`` is True (the ACTION targets, sampled at
 that temperature) use ``logits / temperature``; all others (observations) use T = 1. With ``temperature_mask=None``
 the temperature applies everywhere.
 """

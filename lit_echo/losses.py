@@ -1,6 +1,6 @@
 """The ECHO / PaW objective: PPO-clip on ACTION tokens plus a world-model loss on OBSERVATION tokens.
 
-Pure torch, no Lightning. Formulas follow method.md sections 3 and 6 (ECHO, arXiv 2605.24517; PaW, arXiv
+Pure torch, no Lightning. Formulas follow docs/method.md §3 and §5 (ECHO, arXiv 2605.24517; PaW, arXiv
 2606.02388). Position t of every ``[B, T]`` tensor describes the *target* token t (already shifted), and padding is
 ``Role.CONTEXT``.
 

@@ -1,4 +1,4 @@
-"""World-model evaluation metrics (method.md section 5): NLL and top-1 accuracy on observation tokens.
+"""World-model evaluation metrics (docs/method.md §7): NLL and top-1 accuracy on observation tokens.
 
 Pure torch; the head runs chunk by chunk so the full ``[B, T, V]`` logits never exist at once.
 """

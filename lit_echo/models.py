@@ -8,8 +8,8 @@ Everything the LightningModule needs from the model lives here, with no Lightnin
 - :func:`hidden_states` / :func:`output_head`: run the transformer body once and hand back the final hidden states
   ``[B, T, H]`` and the ``lm_head``, so the loss can compute log-probs in chunks instead of materialising full
   ``[B, T, V]`` logits.
-- :func:`adapters_disabled`: the KL reference policy is the same model with its adapters switched off (method.md §3),
-  so no second copy of the weights sits in memory.
+- :func:`adapters_disabled`: the KL reference policy is the same model with its adapters switched off
+  (docs/method.md §3.3), so no second copy of the weights sits in memory.
 - :func:`export_adapter`, :func:`trainable_parameters`, :func:`parameter_summary`.
 
 bitsandbytes 4-bit on CPU has a bug that an RL loop (generate, then train, repeatedly) hits every step; see
@@ -273,7 +273,7 @@ def hidden_states(model: nn.Module, input_ids: torch.Tensor, attention_mask: tor
 
 @contextlib.contextmanager
 def adapters_disabled(model: PeftModel) -> Iterator[PeftModel]:
-    """Run ``model`` as its base model inside the block (the KL reference policy of method.md §3).
+    """Run ``model`` as its base model inside the block (the KL reference policy of docs/method.md §3.3).
 
     Uses peft's ``disable_adapter()``, which bypasses the LoRA layers in place: no second copy of the weights.
     Wrap the block in ``torch.no_grad()`` yourself when computing reference log-probs.

@@ -1,4 +1,4 @@
-"""Token roles: the data contract every other module stands on (method.md section 2)."""
+"""Token roles: the data contract every other module stands on (docs/method.md §2)."""
 
 from __future__ import annotations
 

@@ -34,7 +34,7 @@ def tokenizer(request):
 SYSTEM = {"role": "system", "content": "You are an agent in a shell. Reply with one <cmd></cmd>."}
 USER = {"role": "user", "content": "Count ERROR lines in app.log — café, 日本語, 🚀"}
 # Three tool calls; a warning; an empty tool output; non-ASCII; special-token strings in tool output and in
-# assistant text; an assistant turn starting with "<" and tool bodies ending in "\n" (method.md §2's ambiguous
+# assistant text; an assistant turn starting with "<" and tool bodies ending in "\n" (docs/method.md §2's ambiguous
 # cases); two consecutive tool messages (Qwen2.5 groups them into one user turn).
 CONVERSATION = [
     SYSTEM,

@@ -1,4 +1,4 @@
-"""echo_loss against a hand computation written from method.md's formulas with explicit loops."""
+"""echo_loss against a hand computation written from docs/method.md's formulas with explicit loops."""
 
 from __future__ import annotations
 
@@ -41,7 +41,7 @@ def _hand_loss(logp, roles, adv, old=None, *, policy_coef=1.0, world_coef=0.05, 
                world_norm="full_observation", policy_agg="token_mean", clip_low=0.2, clip_high=0.2,
                world_loss="ce", cmae_threshold=0.2, kl_coef=0.0, ref=None, world_weights=None, world_select=None,
                num_sequences=None, action_tokens=None, world_tokens=None, seq_len=None):
-    """method.md section 3 and 6, token by token."""
+    """docs/method.md §3 and §5, token by token."""
     batch, width = roles.shape
     num_sequences = num_sequences or batch
     seq_len = seq_len or width

@@ -41,7 +41,7 @@ class RolloutDataModule(L.LightningDataModule):
         on_bad_record: "raise" (stop, naming file, line, field) or "skip" (log, count in ``data/skipped``).
         grpo_scale_by_std: advantages of records without one: GRPO (True) or Dr. GRPO (False).
         advantage: a constant advantage for every training record, replacing stored and GRPO ones. 1.0 trains
-            expert rollouts as "SFT = RL with a constant positive advantage" (method.md section 1) through the
+            expert rollouts as "SFT = RL with a constant positive advantage" (docs/method.md §3.6) through the
             same loss and module; None keeps the records' own.
     """
 

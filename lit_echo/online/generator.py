@@ -10,7 +10,7 @@ One turn for the whole group::
 until every rollout is done (the environment said so, ``max_turns``, ``max_total_tokens``, or an environment
 error). Rollouts that finish early drop out of the batch; the others keep generating together.
 
-Token-in/token-out: the sampled ids are stored verbatim and never re-tokenized (method.md §2). Their log-probs are
+Token-in/token-out: the sampled ids are stored verbatim and never re-tokenized (docs/method.md §2). Their log-probs are
 ``log_softmax(raw_logits / temperature)[sampled_id]``, the temperature-scaled distribution the trainer recomputes
 for ACTION tokens (``EchoModule.temperature``). With ``top_p < 1`` the policy actually samples from the nucleus
 renormalisation of that distribution; the stored log-prob is the un-truncated one, because that is what the
