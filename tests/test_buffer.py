@@ -12,7 +12,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from lit_echo import BadRecordError, Rollout
-from lit_echo.data.buffer import RolloutBuffer, expand_paths
+from lit_echo.data.buffer import DamagedFileError, RolloutBuffer, expand_paths
 
 
 def _write_buffer(tmp_path, n_groups=23):
@@ -151,7 +151,7 @@ def test_damaged_gzip(tmp_path):
     data = gzip.compress(("\n".join(lines) + "\n").encode())
     path = tmp_path / "cut.jsonl.gz"
     path.write_bytes(data[: len(data) // 2])
-    with pytest.raises(OSError, match="cut.jsonl.gz: cannot read the file to the end"):
+    with pytest.raises(DamagedFileError, match=r"cut.jsonl.gz: damaged after line \d+ \(the last line read whole\)"):
         list(RolloutBuffer(path, shuffle=False))
     kept = list(RolloutBuffer(path, shuffle=False, on_bad_record="skip"))
     assert 50 < len(kept) < 200  # everything before the cut (the cut line itself is a skipped bad record)
