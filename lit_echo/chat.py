@@ -303,32 +303,30 @@ def role_spans_text(tokenizer, input_ids: Sequence[int], roles: Sequence[int]) -
     return spans
 
 
-# Texts whose ids tell tokenizers apart even when their vocabulary sizes match: code, accents, CJK, emoji, digits.
-_FINGERPRINT_PROBES = ("Hello, world! The quick brown fox.", "  def f(x):\n\treturn x ** 2  # ok\n",
-                       "café naïve 日本語 한국어 🚀", "0123456789 3.14159 -42", "<cmd>grep -c ERROR app.log</cmd>")
 _fingerprints: "weakref.WeakKeyDictionary[Any, str]" = weakref.WeakKeyDictionary()
 
 
 def tokenizer_fingerprint(tokenizer) -> str:
     """A stable identifier of what a tokenizer's ids mean: ``"<len(tokenizer)>-<16 hex digits>"``.
 
-    The hash covers the vocabulary size, every added token (id, text, special or not) and the ids of a few probe
-    texts, so it is the same in every process and run for the same tokenizer files, and differs for a tokenizer
-    whose ids mean other text. The chat template is not part of it: ids keep their meaning under another template.
+    The hash covers the whole vocabulary (every token string and its id) and which added tokens are special, so
+    it is the same in every process and run for the same tokenizer files, whichever tokenizer class loads them,
+    and differs for a tokenizer whose ids mean other text, even at the same vocabulary size. How text is split
+    into tokens (pre-tokenizer, chat template) is not part of it: stored ids keep their meaning under either.
     Rollouts record it (``Rollout.tokenizer_fingerprint``); the offline reader rejects tokenized records made
-    with another tokenizer. Cached per tokenizer object.
+    with another tokenizer. Cached per tokenizer object (hashing a 150k vocabulary takes about 0.1 s).
     """
     try:
         return _fingerprints[tokenizer]
     except (KeyError, TypeError):
         pass
-    added = sorted((int(i), t.content, bool(t.special)) for i, t in tokenizer.added_tokens_decoder.items())
-    probes = [_encode_body(tokenizer, text) for text in _FINGERPRINT_PROBES]
-    text = json.dumps({"size": len(tokenizer), "added": added, "probes": probes}, sort_keys=True)
-    fingerprint = f"{len(tokenizer)}-{hashlib.sha256(text.encode()).hexdigest()[:16]}"
+    vocab = sorted(tokenizer.get_vocab().items(), key=lambda item: item[1])
+    special = sorted(int(i) for i, t in tokenizer.added_tokens_decoder.items() if t.special)
+    text = json.dumps({"vocab": vocab, "special": special}, ensure_ascii=False)
+    fingerprint = f"{len(tokenizer)}-{hashlib.sha256(text.encode('utf-8', 'surrogatepass')).hexdigest()[:16]}"
     try:
         _fingerprints[tokenizer] = fingerprint
-    except TypeError:  # not weak-referenceable: compute again next time
+    except TypeError:  # not weak-referenceable: computed again next time
         pass
     return fingerprint
 

@@ -3,6 +3,8 @@
 import json
 from pathlib import Path
 
+import lightning as L
+import pytest
 import torch
 
 from lit_echo import Role, RolloutDataModule
@@ -55,3 +57,34 @@ def test_grpo_advantages_from_groups_and_val_in_memory(tiny_checkpoint):
         assert batch["advantages"][i].item() == record["reward"] - sum(group) / len(group)  # Dr. GRPO
     val = next(iter(data.val_dataloader()))
     assert val["input_ids"].shape[0] == 8 and torch.isnan(val["old_logprobs"]).all()
+
+
+def _trainer(**kwargs):
+    return L.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                     enable_model_summary=False, **kwargs)
+
+
+@pytest.mark.parametrize("trainer_kwargs, repeat, raises", [
+    ({}, True, True),  # max_epochs alone: the first epoch of an endless stream never ends
+    ({"max_epochs": 2}, True, True),
+    ({"max_steps": 3}, True, False),
+    ({"max_epochs": 1, "limit_train_batches": 4}, True, False),
+    ({"max_time": "00:00:05:00"}, True, False),
+    ({"fast_dev_run": True}, True, False),
+    ({"max_epochs": 2}, False, False),
+])
+def test_endless_stream_needs_a_stopping_point_at_setup(trainer_kwargs, repeat, raises):
+    data = RolloutDataModule(str(TRAIN), batch_size=2, repeat=repeat)
+    data.trainer = _trainer(**trainer_kwargs)  # what Trainer.fit does before calling setup
+    if raises:
+        with pytest.raises(ValueError, match=r"data.repeat=true .* set trainer.max_steps"):
+            data.setup("fit")
+    else:
+        data.setup("fit")
+
+
+def test_max_length_below_every_prompt_fails_at_the_first_batch(tiny_checkpoint):
+    data = RolloutDataModule(str(TRAIN), tokenizer=str(tiny_checkpoint), batch_size=4, max_length=24,
+                             shuffle=False, repeat=False)
+    with pytest.raises(ValueError, match=r"data.max_length=24 cuts every rollout .* shortest prompt here is \d+"):
+        next(iter(data.train_dataloader()))

@@ -60,8 +60,10 @@ def expand_paths(paths: str | os.PathLike | Sequence[str | os.PathLike]) -> list
 
 
 def _gzip_chunks(fh) -> Iterator[bytes]:
-    """Decompressed bytes of a (possibly multi-member) gzip stream, yielded as they come, so a file cut short
-    by a crash still gives everything before the cut before the error. An empty file gives nothing."""
+    """Decompressed bytes of a (possibly multi-member) gzip stream, yielded as they come in bounded pieces, so a
+    file cut short or corrupted still gives everything before the damage before the error. An empty file gives
+    nothing. (Deflate cannot always tell where damage starts: bytes decoded wrongly before the error is detected
+    come out as lines that fail to parse, each a bad record.)"""
     decoder = zlib.decompressobj(wbits=31)
     member_started = False
     data = b""
@@ -70,17 +72,21 @@ def _gzip_chunks(fh) -> Iterator[bytes]:
             data = fh.read(_CHUNK)
             if not data:
                 if member_started and not decoder.eof:
-                    raise EOFError("compressed file ended before the end-of-stream marker was reached")
+                    rest = decoder.flush()
+                    if rest:
+                        yield rest
+                    if not decoder.eof:
+                        raise EOFError("compressed file ended before the end-of-stream marker was reached")
                 return
         member_started = True
-        out = decoder.decompress(data)
+        out = decoder.decompress(data, _CHUNK)
         if out:
             yield out
         if decoder.eof:  # appended gzip members (a run that restarted and appended) follow
             data = decoder.unused_data
             decoder, member_started = zlib.decompressobj(wbits=31), False
         else:
-            data = b""
+            data = decoder.unconsumed_tail
 
 
 def _read_lines(path: Path) -> Iterator[tuple[int, bytes]]:
