@@ -42,8 +42,9 @@ import hashlib
 import json
 import secrets
 import weakref
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 from lit_echo.roles import Role
 from lit_echo.rollout import BadRecordError, Rollout
@@ -303,7 +304,7 @@ def role_spans_text(tokenizer, input_ids: Sequence[int], roles: Sequence[int]) -
     return spans
 
 
-_fingerprints: "weakref.WeakKeyDictionary[Any, str]" = weakref.WeakKeyDictionary()
+_fingerprints: weakref.WeakKeyDictionary[Any, str] = weakref.WeakKeyDictionary()
 
 
 def tokenizer_fingerprint(tokenizer) -> str:

@@ -53,7 +53,7 @@ class BadRecordError(ValueError):
         got = "" if self.got is None else f", got {_short(self.got)}"
         return f"{where}field '{self.field}': expected {self.expected}{got}"
 
-    def located(self, path: str, line: int) -> "BadRecordError":
+    def located(self, path: str, line: int) -> BadRecordError:
         """The same error with the file and line filled in."""
         return BadRecordError(self.field, self.expected, got=self.got, path=path, line=line)
 
@@ -116,7 +116,7 @@ class Rollout:
         return json.dumps(self.to_dict(), ensure_ascii=False, allow_nan=False, separators=(",", ":"))
 
     @classmethod
-    def from_dict(cls, record: Any, vocab_size: int | None = None) -> "Rollout":
+    def from_dict(cls, record: Any, vocab_size: int | None = None) -> Rollout:
         """Build from a tokenized record, raising :class:`BadRecordError` on any deviation from the form.
 
         ``vocab_size``: when known, token ids must be below it (the vocabulary of the model's tokenizer).
@@ -132,7 +132,7 @@ class Rollout:
         return rollout
 
     @classmethod
-    def from_json(cls, line: str | bytes, vocab_size: int | None = None) -> "Rollout":
+    def from_json(cls, line: str | bytes, vocab_size: int | None = None) -> Rollout:
         return cls.from_dict(load_record(line), vocab_size)
 
 
@@ -146,8 +146,7 @@ def load_record(line: str | bytes) -> dict:
             line = line.decode("utf-8")
         except UnicodeDecodeError as err:
             raise BadRecordError("<record>", "UTF-8 text", got=str(err)) from None
-    if line.startswith("\ufeff"):
-        line = line[1:]
+    line = line.removeprefix("\ufeff")
     try:
         record = json.loads(line)
     except (ValueError, RecursionError) as err:  # ValueError: bad JSON, or an integer over 4300 digits

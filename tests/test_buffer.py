@@ -7,6 +7,7 @@ import sys
 import textwrap
 import zlib
 from collections import Counter
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,8 +15,15 @@ from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerFast
 
 from lit_echo import BadRecordError, Rollout
-from lit_echo.data.buffer import DamagedFileError, EmptyStreamError, RolloutBuffer, expand_paths
+from lit_echo.data.buffer import (
+    DamagedFileError,
+    EmptyStreamError,
+    RolloutBuffer,
+    expand_paths,
+)
 from lit_echo.data.collate import RolloutCollator
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def _write_buffer(tmp_path, n_groups=23):
@@ -127,8 +135,8 @@ def test_two_ranks_two_workers_see_every_record_exactly_once(tmp_path):
 def _bad_buffer(tmp_path):
     good = Rollout(input_ids=[1, 2], roles=[0, 1], group_id="g").to_json()
     path = tmp_path / "bad.jsonl"
-    path.write_text("\n".join([good, good, '{"input_ids": [1, 2], "roles": [0, 9], "group_id": "h"}', "not json",
-                               good]) + "\n")
+    lines = [good, good, '{"input_ids": [1, 2], "roles": [0, 9], "group_id": "h"}', "not json", good]
+    path.write_text("".join(line + "\n" for line in lines))
     return path
 
 
@@ -265,7 +273,8 @@ def test_damaged_gzip_keeps_the_records_before_and_reports_one_error(tmp_path, d
     with caplog.at_level(logging.WARNING):
         first = list(RolloutBuffer([path, good], shuffle=False, on_bad_record="skip"))
         stream = iter(RolloutBuffer([path, good], shuffle=False, on_bad_record="skip", repeat=True))
-        items = [next(stream) for _ in range(3 * len(first))]  # three passes
+        for _ in range(3 * len(first)):  # three passes
+            next(stream)
     assert [i.rollout.input_ids for i in first[:sure]] == [json.loads(x)["input_ids"] for x in lines[:sure]]
     assert first[-1].rollout.input_ids == [1, 2, 3] and sum(i.skipped for i in first) >= 1
     assert caplog.text.count("damaged after line") == 2  # once per stream, though the second read it 3 times
@@ -301,7 +310,7 @@ def test_an_endless_stream_without_rollouts_raises_instead_of_spinning(tmp_path,
     path = tmp_path / "b.jsonl"
     path.write_text(content)
     proc = subprocess.run([sys.executable, "-c", EMPTY_SCRIPT, str(path), mode, str(index)], capture_output=True,
-                          text=True, timeout=120, env={**os.environ, "PYTHONPATH": os.getcwd()})
+                          text=True, timeout=120, check=False, env={**os.environ, "PYTHONPATH": str(REPO)})
     assert proc.returncode != 0 and "EmptyStreamError" in proc.stderr and expect in proc.stderr
     assert proc.stderr.count("skipping bad record") <= 10  # the rest are summarized
 

@@ -7,12 +7,16 @@ import json
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
 from tokenizers import Tokenizer
 from transformers import PreTrainedTokenizerFast
 
-from lit_echo.chat import (ChatTemplateError, RolloutBuilder, role_spans_text, tokenize_messages,
-                           tokenizer_fingerprint)
+from lit_echo.chat import (
+    ChatTemplateError,
+    RolloutBuilder,
+    role_spans_text,
+    tokenize_messages,
+    tokenizer_fingerprint,
+)
 from lit_echo.pretrained import load_tokenizer
 from lit_echo.roles import Role
 from lit_echo.rollout import BadRecordError, Rollout

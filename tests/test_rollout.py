@@ -10,8 +10,9 @@ from lit_echo.data.records import parse_record
 
 
 def _rollout(**kw):
-    base = dict(input_ids=[5, 6, 7, 8], roles=[0, 1, 2, 3], logprobs=[None, -0.1 - 0.2, None, None], reward=0.5,
-                group_id="g-ü", advantage=-1.25, policy_version=3, metadata={"task": "日本語", "turns": [1, 2]})
+    base = {"input_ids": [5, 6, 7, 8], "roles": [0, 1, 2, 3], "logprobs": [None, -0.1 - 0.2, None, None],
+            "reward": 0.5, "group_id": "g-ü", "advantage": -1.25, "policy_version": 3,
+            "metadata": {"task": "日本語", "turns": [1, 2]}}
     base.update(kw)
     return Rollout(**base)
 

@@ -98,8 +98,9 @@ class RolloutDataModule(L.LightningDataModule):
 
     def _buffer(self, path, **overrides) -> RolloutBuffer:
         h = self.hparams
-        kwargs = dict(tokenizer=self.tokenizer, shuffle=h.shuffle, shuffle_buffer=h.shuffle_buffer, seed=h.seed,
-                      repeat=h.repeat, on_bad_record=h.on_bad_record, grpo_scale_by_std=h.grpo_scale_by_std)
+        kwargs = {"tokenizer": self.tokenizer, "shuffle": h.shuffle, "shuffle_buffer": h.shuffle_buffer,
+                  "seed": h.seed, "repeat": h.repeat, "on_bad_record": h.on_bad_record,
+                  "grpo_scale_by_std": h.grpo_scale_by_std}
         kwargs.update(overrides)
         return RolloutBuffer(path, **kwargs)
 

@@ -10,7 +10,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from lit_echo.chat import ChatTemplateError, tokenize_messages, tokenizer_fingerprint, validate_messages
+from lit_echo.chat import (
+    ChatTemplateError,
+    tokenize_messages,
+    tokenizer_fingerprint,
+    validate_messages,
+)
 from lit_echo.rollout import BadRecordError, Rollout, load_record, parse_common_fields
 
 
