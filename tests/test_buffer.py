@@ -103,7 +103,6 @@ SHARD_SCRIPT = textwrap.dedent("""
     import json, os, sys
     import torch, torch.distributed as dist
     from torch.utils.data import DataLoader
-from transformers import PreTrainedTokenizerFast
     from lit_echo.data.buffer import RolloutBuffer
 
     def main(rank, path, out):
