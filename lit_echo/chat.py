@@ -38,12 +38,16 @@ contains a special-token string (it becomes the special id) or where tokens woul
 
 from __future__ import annotations
 
+import hashlib
+import json
 import secrets
+import weakref
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 from lit_echo.roles import Role
-from lit_echo.rollout import Rollout
+from lit_echo.rollout import BadRecordError, Rollout
 
 MESSAGE_ROLES = ("system", "user", "assistant", "tool")
 
@@ -61,28 +65,48 @@ class _Segment:
     after_assistant: bool = False  # template text right after an assistant body: may start with end-of-turn
 
 
-def _validate(messages: Sequence[dict]) -> list[dict]:
-    """Shallow copies of the messages after checking the documented form."""
-    if not messages:
-        raise ValueError("messages: expected a non-empty list of {'role': ..., 'content': ...} dicts")
+def validate_messages(messages: Any) -> list[dict]:
+    """Shallow copies of ``messages`` after checking the documented form; :class:`BadRecordError` (a ValueError)
+    names the offending entry, e.g. ``messages[2].content``.
+
+    The one place this form is checked, for buffer records and for conversations given to this module alike.
+    """
+    if not isinstance(messages, (list, tuple)) or not messages:
+        raise BadRecordError("messages", "a non-empty list of {\"role\": ..., \"content\": ...} objects",
+                             got=messages)
     checked = []
-    for i, message in enumerate(messages):
+    for k, message in enumerate(messages):
+        where = f"messages[{k}]"
         if not isinstance(message, dict):
-            raise ValueError(f"messages[{i}]: expected a dict with 'role' and 'content', got {type(message)}")
+            raise BadRecordError(where, "an object with 'role' and 'content'", got=message)
         role = message.get("role")
         if role not in MESSAGE_ROLES:
-            raise ValueError(f"messages[{i}]['role']: expected one of {MESSAGE_ROLES}, got {role!r}")
-        if not isinstance(message.get("content"), str):
-            raise ValueError(f"messages[{i}]['content']: expected a string, got {type(message.get('content'))}")
-        warning = message.get("warning")
-        if warning is not None and (role != "tool" or not isinstance(warning, str)):
-            raise ValueError(f"messages[{i}]['warning']: only a tool message may carry a warning, and it must be "
-                             f"a string; got {warning!r} on a {role!r} message")
-        if message.get("tool_calls"):
-            raise ValueError(f"messages[{i}]: structured 'tool_calls' are rendered by the template, not sampled "
-                             f"verbatim; put the tool call text the model generated into 'content'")
+            raise BadRecordError(f"{where}.role", "one of " + ", ".join(map(repr, MESSAGE_ROLES)), got=role)
+        _check_text(message.get("content"), f"{where}.content", "a string")
+        if message.get("warning") is not None:
+            if role != "tool":
+                raise BadRecordError(f"{where}.warning", "only on 'tool' messages", got=role)
+            _check_text(message["warning"], f"{where}.warning", "a string or null")
+        if "tool_calls" in message:
+            raise BadRecordError(f"{where}.tool_calls", "absent: structured 'tool_calls' are rendered by the "
+                                 "template, not sampled verbatim; put the tool call text the model generated into "
+                                 "'content'")
+        unknown = set(message) - {"role", "content", "warning"}
+        if unknown:
+            raise BadRecordError(where, "only the keys 'role', 'content' and 'warning' (tool only)",
+                                 got=sorted(unknown))
         checked.append(dict(message))
     return checked
+
+
+def _check_text(text: Any, where: str, expected: str) -> None:
+    if not isinstance(text, str):
+        raise BadRecordError(where, expected, got=text)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:  # a lone surrogate ("\ud800" in JSON): no tokenizer can encode it
+        raise BadRecordError(where, "valid Unicode text (no lone surrogates)",
+                             got=f"{text[err.start]!r} at character {err.start}") from None
 
 
 def _bodies(message: dict) -> list[tuple[str, Role]]:
@@ -261,7 +285,7 @@ def tokenize_messages(tokenizer, messages: Sequence[dict], *,
     ``int(Role)``. Raises :class:`ChatTemplateError` when the template drops, duplicates, reorders or rewrites
     contents, or is not prefix-preserving across turns.
     """
-    segments = _segments(tokenizer, _validate(messages), add_generation_prompt)
+    segments = _segments(tokenizer, validate_messages(messages), add_generation_prompt)
     return _tokenize_segments(tokenizer, segments)
 
 
@@ -278,6 +302,34 @@ def role_spans_text(tokenizer, input_ids: Sequence[int], roles: Sequence[int]) -
             spans.append((Role(roles[start]), text))
             start = end
     return spans
+
+
+_fingerprints: weakref.WeakKeyDictionary[Any, str] = weakref.WeakKeyDictionary()
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """A stable identifier of what a tokenizer's ids mean: ``"<len(tokenizer)>-<16 hex digits>"``.
+
+    The hash covers the whole vocabulary (every token string and its id) and which added tokens are special, so
+    it is the same in every process and run for the same tokenizer files, whichever tokenizer class loads them,
+    and differs for a tokenizer whose ids mean other text, even at the same vocabulary size. How text is split
+    into tokens (pre-tokenizer, chat template) is not part of it: stored ids keep their meaning under either.
+    Rollouts record it (``Rollout.tokenizer_fingerprint``); the offline reader rejects tokenized records made
+    with another tokenizer. Cached per tokenizer object (hashing a 150k vocabulary takes about 0.1 s).
+    """
+    try:
+        return _fingerprints[tokenizer]
+    except (KeyError, TypeError):
+        pass
+    vocab = sorted(tokenizer.get_vocab().items(), key=lambda item: item[1])
+    special = sorted(int(i) for i, t in tokenizer.added_tokens_decoder.items() if t.special)
+    text = json.dumps({"vocab": vocab, "special": special}, ensure_ascii=False)
+    fingerprint = f"{len(tokenizer)}-{hashlib.sha256(text.encode('utf-8', 'surrogatepass')).hexdigest()[:16]}"
+    try:
+        _fingerprints[tokenizer] = fingerprint
+    except TypeError:  # not weak-referenceable: computed again next time
+        pass
+    return fingerprint
 
 
 class RolloutBuilder:
@@ -305,7 +357,7 @@ class RolloutBuilder:
     """
 
     def __init__(self, tokenizer, messages: Sequence[dict]):
-        opening = _validate(messages)
+        opening = validate_messages(messages)
         if opening[-1]["role"] == "assistant":
             raise ValueError("RolloutBuilder: the opening messages must end with a prompt (system/user/tool), "
                              "not an assistant message; the policy writes the assistant turns")
@@ -376,7 +428,7 @@ class RolloutBuilder:
         message = {"role": "tool", "content": content}
         if warning:
             message["warning"] = warning
-        messages = _validate(self.messages + [message])
+        messages = validate_messages(self.messages + [message])
         segments = _segments(self.tokenizer, messages, add_generation_prompt=True)
         # Segments after the last assistant body: [after-assistant piece, (warning,) content, closing piece].
         tail = segments[-(2 * len(_bodies(message)) + 1):]
@@ -403,7 +455,8 @@ class RolloutBuilder:
     def to_rollout(self, reward: float, group_id: str, advantage: float | None = None, policy_version: int = 0,
                    metadata: dict[str, Any] | None = None) -> Rollout:
         """The finished episode: an unanswered trailing generation prompt is replaced by the template's closing
-        text for the last message (as :func:`tokenize_messages` renders it without a generation prompt)."""
+        text for the last message (as :func:`tokenize_messages` renders it without a generation prompt). The
+        rollout records :func:`tokenizer_fingerprint` of the tokenizer, so a reader with another one rejects it."""
         closing = _segments(self.tokenizer, self.messages, add_generation_prompt=False)[-1].text
         closing_ids = _encode_template(self.tokenizer, closing)
         if not self._awaiting_action:
@@ -415,4 +468,5 @@ class RolloutBuilder:
                        roles=self.roles[:cut] + [int(Role.CONTEXT)] * len(closing_ids),
                        logprobs=logprobs if any(lp is not None for lp in logprobs) else None,
                        reward=float(reward), group_id=group_id, advantage=advantage,
-                       policy_version=policy_version, metadata=dict(metadata or {}))
+                       policy_version=policy_version, metadata=dict(metadata or {}),
+                       tokenizer_fingerprint=tokenizer_fingerprint(self.tokenizer))

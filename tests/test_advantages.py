@@ -2,7 +2,7 @@ import math
 
 import pytest
 
-from lit_echo.advantages import grpo_advantages
+from lit_echo.advantages import group_mean_rewards, grpo_advantages
 
 
 def test_grpo_against_hand_computation():
@@ -27,3 +27,24 @@ def test_dr_grpo_and_equal_rewards():
 def test_length_mismatch():
     with pytest.raises(ValueError):
         grpo_advantages([1.0], ["a", "b"])
+
+
+def test_huge_and_non_finite_rewards():
+    """1e200 once overflowed (inf std -> zero advantages; NaN at 1e308); NaN gave NaN advantages silently."""
+    assert grpo_advantages([1e200, -1e200, 0.0], ["g"] * 3) == pytest.approx([1.0, -1.0, 0.0])
+    assert grpo_advantages([1.7e308, -1.7e308], ["g"] * 2) == pytest.approx([2 ** -0.5, -(2 ** -0.5)])
+    assert grpo_advantages([3e38, 0.0], ["g", "g"], scale_by_std=False) == [1.5e38, -1.5e38]
+    assert group_mean_rewards([1.7e308, 1.7e308, 1.0], ["g", "g", "h"]) == [1.7e308, 1.7e308, 1.0]
+    for bad in (math.nan, math.inf, -math.inf):
+        with pytest.raises(ValueError, match="group 'task-3': the reward of row 1 is .* not a finite number"):
+            grpo_advantages([0.0, bad, 1.0], ["task-2", "task-3", "task-3"])
+
+
+def test_scaling_is_exact_for_ordinary_rewards():
+    rewards = [0.1, 0.7, 0.3, 1.0, 0.0]
+    n = len(rewards)
+    mean = sum(rewards) / n
+    std = math.sqrt(sum((r - mean) ** 2 for r in rewards) / (n - 1))
+    assert grpo_advantages(rewards, ["g"] * n) == [(r - mean) / (std + 1e-6) for r in rewards]
+    assert grpo_advantages(rewards, ["g"] * n, scale_by_std=False) == [r - mean for r in rewards]
+    assert group_mean_rewards(rewards, ["g"] * n) == [mean] * n

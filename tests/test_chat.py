@@ -2,14 +2,25 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from qwen25 import load_qwen25_tokenizer
+from tokenizers import Tokenizer
+from transformers import PreTrainedTokenizerFast
 
-from lit_echo.chat import ChatTemplateError, RolloutBuilder, role_spans_text, tokenize_messages
+from lit_echo.chat import (
+    ChatTemplateError,
+    RolloutBuilder,
+    role_spans_text,
+    tokenize_messages,
+    tokenizer_fingerprint,
+)
 from lit_echo.pretrained import load_tokenizer
 from lit_echo.roles import Role
+from lit_echo.rollout import BadRecordError, Rollout
 from lit_echo.tiny import CHATML_TEMPLATE, build_tiny_tokenizer
 
 TOKENIZERS = ["tiny", "smollm2", "qwen2.5"]
@@ -244,12 +255,45 @@ def test_unfaithful_templates_raise(template, problem):
 
 
 def test_invalid_messages_raise(tiny_tokenizer):
-    with pytest.raises(ValueError, match=r"messages\[0\]\['role'\]"):
-        tokenize_messages(tiny_tokenizer, [{"role": "narrator", "content": "x"}])
-    with pytest.raises(ValueError, match="only a tool message may carry a warning"):
-        tokenize_messages(tiny_tokenizer, [{"role": "user", "content": "x", "warning": "w"}])
-    with pytest.raises(ValueError, match="tool_calls"):
-        tokenize_messages(tiny_tokenizer, [USER, {"role": "assistant", "content": "", "tool_calls": [{}]}])
+    """One validator (validate_messages) for records and for the API: a BadRecordError (a ValueError) naming the
+    entry."""
+    cases = [([{"role": "narrator", "content": "x"}], "messages[0].role"),
+             ([{"role": "user", "content": "x", "warning": "w"}], "messages[0].warning"),
+             ([USER, {"role": "assistant", "content": "", "tool_calls": [{}]}], "messages[1].tool_calls"),
+             ([USER, {"role": "tool", "content": "a\ud800b"}], "messages[1].content"),
+             ([USER, {"role": "tool", "content": "ok", "warning": "\udfff"}], "messages[1].warning"),
+             ([USER, {"role": "user", "content": "x", "name": "bob"}], "messages[1]")]
+    for messages, field in cases:
+        with pytest.raises(BadRecordError) as info:
+            tokenize_messages(tiny_tokenizer, messages)
+        assert info.value.field == field and isinstance(info.value, ValueError)
+    with pytest.raises(BadRecordError, match="lone surrogates"):
+        RolloutBuilder(tiny_tokenizer, [SYSTEM, {"role": "user", "content": "\ud83d"}])
+
+
+def _swapped_ids(tokenizer, x, y):
+    """The same tokenizer with the ids of tokens ``x`` and ``y`` exchanged (same size and special tokens)."""
+    spec = json.loads(tokenizer.backend_tokenizer.to_str())
+    vocab = spec["model"]["vocab"]
+    vocab[x], vocab[y] = vocab[y], vocab[x]
+    return PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(json.dumps(spec)),
+                                   eos_token=tokenizer.eos_token, pad_token=tokenizer.pad_token)
+
+
+def test_tokenizer_fingerprint_is_stable_and_tells_tokenizers_apart(tiny_tokenizer, smollm2_tokenizer):
+    fingerprint = tokenizer_fingerprint(tiny_tokenizer)
+    assert fingerprint == tokenizer_fingerprint(build_tiny_tokenizer())  # same files, another object
+    assert fingerprint.startswith(f"{len(tiny_tokenizer)}-") and len(fingerprint.split("-")[1]) == 16
+    assert tokenizer_fingerprint(smollm2_tokenizer) != fingerprint
+    assert tokenizer_fingerprint(build_tiny_tokenizer(vocab_size=len(tiny_tokenizer) - 8)) != fingerprint
+    assert tokenizer_fingerprint(_swapped_ids(tiny_tokenizer, "a", "e")) != fingerprint  # same size, other ids
+    # Online rollouts record it.
+    builder = RolloutBuilder(tiny_tokenizer, [SYSTEM, USER])
+    action = tiny_tokenizer.encode("<cmd>ls</cmd><|im_end|>")
+    builder.add_action(action, [-0.5] * len(action))
+    rollout = builder.to_rollout(reward=1.0, group_id="g")
+    assert rollout.tokenizer_fingerprint == fingerprint
+    assert Rollout.from_json(rollout.to_json()).tokenizer_fingerprint == fingerprint
 
 
 _PIECE = st.one_of(

@@ -1,8 +1,14 @@
 """RolloutDataModule on the sample buffer: messages records through the tokenizer, buffer and collation."""
 
 import json
+import os
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
+import lightning as L
+import pytest
 import torch
 
 from lit_echo import Role, RolloutDataModule
@@ -55,3 +61,59 @@ def test_grpo_advantages_from_groups_and_val_in_memory(tiny_checkpoint):
         assert batch["advantages"][i].item() == record["reward"] - sum(group) / len(group)  # Dr. GRPO
     val = next(iter(data.val_dataloader()))
     assert val["input_ids"].shape[0] == 8 and torch.isnan(val["old_logprobs"]).all()
+
+
+def _trainer(**kwargs):
+    return L.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                     enable_model_summary=False, **kwargs)
+
+
+@pytest.mark.parametrize("trainer_kwargs, repeat, raises", [
+    ({}, True, True),  # max_epochs alone: the first epoch of an endless stream never ends
+    ({"max_epochs": 2}, True, True),
+    ({"max_steps": 3}, True, False),
+    ({"max_epochs": 1, "limit_train_batches": 4}, True, False),
+    ({"max_time": "00:00:05:00"}, True, False),
+    ({"fast_dev_run": True}, True, False),
+    ({"max_epochs": 2}, False, False),
+])
+def test_endless_stream_needs_a_stopping_point_at_setup(trainer_kwargs, repeat, raises):
+    data = RolloutDataModule(str(TRAIN), batch_size=2, repeat=repeat)
+    data.trainer = _trainer(**trainer_kwargs)  # what Trainer.fit does before calling setup
+    if raises:
+        with pytest.raises(ValueError, match=r"data.repeat=true .* set trainer.max_steps"):
+            data.setup("fit")
+    else:
+        data.setup("fit")
+
+
+def test_max_length_below_every_prompt_fails_at_the_first_batch(tiny_checkpoint):
+    data = RolloutDataModule(str(TRAIN), tokenizer=str(tiny_checkpoint), batch_size=4, max_length=24,
+                             shuffle=False, repeat=False)
+    with pytest.raises(ValueError, match=r"data.max_length=24 cuts every rollout .* shortest prompt here is \d+"):
+        next(iter(data.train_dataloader()))
+
+
+FIT_SCRIPT = textwrap.dedent("""
+    import sys
+    import lightning as L
+    from lit_echo import EchoModule, RolloutDataModule
+    ckpt, buffer = sys.argv[1], sys.argv[2]
+    data = RolloutDataModule(buffer, tokenizer=ckpt, batch_size=2, on_bad_record="skip", repeat=True)
+    trainer = L.Trainer(accelerator="cpu", max_steps=3, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(EchoModule(ckpt, lora_rank=4), data)
+""")
+
+
+@pytest.mark.slow
+def test_fit_on_an_all_bad_buffer_stops_with_a_clear_error(tiny_checkpoint, tmp_path):
+    """Was an endless loop at 100% CPU ignoring SIGTERM, with millions of warnings; the timeout only ends that."""
+    buffer = tmp_path / "bad.jsonl"
+    buffer.write_text('{"input_ids": [1, 99999], "roles": [0, 1]}\n' * 3000)  # every id beyond the vocabulary
+    proc = subprocess.run([sys.executable, "-c", FIT_SCRIPT, str(tiny_checkpoint), str(buffer)],
+                          capture_output=True, text=True, timeout=300, check=False,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert proc.returncode != 0
+    assert "EmptyStreamError: no usable rollout" in proc.stderr and "every record of this reader's" in proc.stderr
+    assert proc.stderr.count("skipping bad record") <= 10

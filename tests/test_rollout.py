@@ -10,8 +10,9 @@ from lit_echo.data.records import parse_record
 
 
 def _rollout(**kw):
-    base = dict(input_ids=[5, 6, 7, 8], roles=[0, 1, 2, 3], logprobs=[None, -0.1 - 0.2, None, None], reward=0.5,
-                group_id="g-ü", advantage=-1.25, policy_version=3, metadata={"task": "日本語", "turns": [1, 2]})
+    base = {"input_ids": [5, 6, 7, 8], "roles": [0, 1, 2, 3], "logprobs": [None, -0.1 - 0.2, None, None],
+            "reward": 0.5, "group_id": "g-ü", "advantage": -1.25, "policy_version": 3,
+            "metadata": {"task": "日本語", "turns": [1, 2]}}
     base.update(kw)
     return Rollout(**base)
 
@@ -104,3 +105,51 @@ def test_malformed_lines_only_raise_the_documented_error(tiny_tokenizer, line):
     else:
         assert len(rollout.input_ids) == len(rollout.roles) > 0
         assert math.isfinite(rollout.reward)
+
+
+@pytest.mark.parametrize("line, field", [
+    ('{"input_ids": [1, 9223372036854775808], "roles": [0, 1]}', "input_ids"),  # 2**63: collator overflow
+    ('{"input_ids": [1, 2], "roles": [0, 1], "policy_version": -9223372036854775809}', "policy_version"),
+    ('{"input_ids": [1, 2], "roles": [0, 1], "advantage": 1e39}', "advantage"),  # float32 inf later
+    ('{"input_ids": [1, 2], "roles": [0, 1], "reward": -3.5e38}', "reward"),
+    ('{"input_ids": [1, 2], "roles": [0, 1], "reward": 1e200}', "reward"),
+    ('{"input_ids": [1, 2], "roles": [0, 1], "reward": 1e400}', "reward"),  # parses as inf
+    ('{"input_ids": [1, 2], "roles": [0, 1], "reward": Infinity}', "reward"),
+    ('{"input_ids": [1, 2], "roles": [0, 1], "reward": 1' + "0" * 400 + "}", "reward"),  # isfinite overflow
+    ('{"input_ids": [1, 2], "roles": [0, 1], "logprobs": [null, -1' + "0" * 400 + "]}", "logprobs"),
+    ('{"input_ids": [1, 2], "roles": [0, 1], "reward": 1' + "0" * 5000 + "}", "<record>"),  # int parse limit
+    ('{"input_ids": [1, 2], "roles": [0, 1], "tokenizer_fingerprint": 7}', "tokenizer_fingerprint"),
+])
+def test_values_training_cannot_use_are_rejected(line, field):
+    with pytest.raises(BadRecordError) as info:
+        parse_record(line)
+    assert info.value.field == field and len(str(info.value)) < 400
+
+
+def test_float32_range_and_a_bom_are_accepted():
+    r = parse_record('\ufeff{"input_ids": [1, 9223372036854775807], "roles": [0, 1], "reward": 3e38, '
+                     '"advantage": -3.4028234663852886e38, "logprobs": [null, -3e38], "policy_version": -1}')
+    assert r.reward == 3e38 and r.input_ids[1] == 2**63 - 1
+
+
+def test_tokenizer_checks(tiny_tokenizer, tiny_checkpoint):
+    from lit_echo.chat import tokenizer_fingerprint
+    from lit_echo.pretrained import load_tokenizer
+
+    vocab = len(tiny_tokenizer)
+    ok = Rollout(input_ids=[1, vocab - 1], roles=[0, 1], tokenizer_fingerprint=tokenizer_fingerprint(tiny_tokenizer))
+    assert parse_record(ok.to_json(), tiny_tokenizer) == ok
+    # The same tokenizer loaded from disk (another process would do this) has the same fingerprint.
+    assert parse_record(ok.to_json(), load_tokenizer(str(tiny_checkpoint))) == ok
+    with pytest.raises(BadRecordError, match=f"token ids below the tokenizer's vocabulary size {vocab}") as info:
+        parse_record(Rollout(input_ids=[1, vocab], roles=[0, 1]).to_json(), tiny_tokenizer)
+    assert info.value.field == "input_ids" and "at position 1" in str(info.value)
+    parse_record(Rollout(input_ids=[1, vocab], roles=[0, 1]).to_json())  # no tokenizer: only int64 is known
+    foreign = Rollout(input_ids=[1, 2], roles=[0, 1], tokenizer_fingerprint="49152-0123456789abcdef").to_json()
+    with pytest.raises(BadRecordError, match="another tokenizer") as info:
+        parse_record(foreign, tiny_tokenizer)
+    assert info.value.field == "tokenizer_fingerprint"
+    messages = '{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}'
+    with pytest.raises(BadRecordError, match="expected a tokenizer") as info:
+        parse_record(messages)
+    assert info.value.field == "messages"

@@ -1,96 +1,123 @@
 """Streaming offline rollout buffer: JSON-lines files read lazily, shuffled with a seeded buffer, sharded.
 
 Records are cut into *groups*: maximal runs of consecutive lines with the same non-empty ``group_id`` (writers
-emit a group's rollouts together). A group is the unit of sharding, so GRPO advantages are computed over the
-whole group even when workers and ranks split the stream; every record is read by exactly one (rank, worker)
-per epoch. Only one group and the shuffle buffer are held in memory.
+emit a group's rollouts together). A group is the unit of sharding, so GRPO advantages and group mean rewards are
+computed over the whole group even when workers and ranks split the stream; every record is read by exactly one
+(rank, worker) per epoch. Only one group and the shuffle buffer are held in memory.
+
+Damage: a bad line is one bad record (``on_bad_record``). A file that cannot be read to its end (a gzip file cut
+short or corrupted, a non-gzip file named ``.gz``) keeps every line read whole before the damage and counts the
+rest as one :class:`DamagedFileError`. A pass that yields no rollout at all raises :class:`EmptyStreamError`
+instead of looping forever.
 """
 
 from __future__ import annotations
 
-import glob
-import gzip
 import logging
 import os
 import random
+import time
 import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from lit_echo.advantages import grpo_advantages
-from lit_echo.data.records import parse_record, peek_group_id
+from lit_echo.advantages import group_mean_rewards, grpo_advantages
+from lit_echo.data.paths import find_files
+from lit_echo.data.records import RecordParser, peek_group_id
 from lit_echo.rollout import BadRecordError, Rollout
 
 log = logging.getLogger(__name__)
 
 _SUFFIXES = (".jsonl", ".jsonl.gz")
+_CHUNK = 1 << 16
+_BOM = b"\xef\xbb\xbf"
+
+
+class DamagedFileError(OSError):
+    """A buffer file that cannot be read to its end; the records up to ``last_good_line`` were read."""
+
+    def __init__(self, path: str | os.PathLike, last_good_line: int, reason: str, hint: str = ""):
+        self.path, self.last_good_line, self.reason = str(path), last_good_line, reason
+        super().__init__(f"{path}: damaged after line {last_good_line} (the last line read whole): {reason}; the "
+                         f"rest of the file cannot be read{hint}")
+
+
+class EmptyStreamError(ValueError):
+    """A pass over the buffer gave this reader no usable rollout (empty files, every record bad, or fewer groups
+    than readers): an endless stream would otherwise spin forever."""
 
 
 def expand_paths(paths: str | os.PathLike | Sequence[str | os.PathLike]) -> list[Path]:
-    """Files named by ``paths``: each a file, a directory (its ``*.jsonl`` / ``*.jsonl.gz``, recursively) or a
-    glob. Sorted, so every worker and rank sees the same order."""
-    items = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
-    found: set[Path] = set()
-    for item in items:
-        text = str(item)
-        path = Path(text).expanduser()
-        if path.is_dir():
-            found.update(p for p in path.rglob("*") if p.is_file() and p.name.endswith(_SUFFIXES))
-        elif path.is_file():
-            found.add(path)
-        else:
-            matches = [Path(p) for p in glob.glob(os.path.expanduser(text), recursive=True)]
-            found.update(p for p in matches if p.is_file())
-    if not found:
-        raise FileNotFoundError(f"no rollout files found at {items!r}: expected .jsonl / .jsonl.gz files, a "
-                                "directory holding them, or a glob")
-    return sorted(found)
+    """Rollout files named by ``paths``: each a file, a directory (its ``*.jsonl`` / ``*.jsonl.gz``, recursively)
+    or a glob. Sorted, so every worker and rank sees the same order."""
+    return find_files(paths, _SUFFIXES, what="rollout files (.jsonl, .jsonl.gz)")
 
 
-def _gzip_chunks(fh, chunk_size: int = 1 << 16) -> Iterator[bytes]:
-    """Decompressed bytes of a (possibly multi-member) gzip stream, yielded as they come, so a file cut short
-    by a crash still gives everything before the cut before the error."""
+def _gzip_chunks(fh) -> Iterator[bytes]:
+    """Decompressed bytes of a (possibly multi-member) gzip stream, yielded as they come in bounded pieces, so a
+    file cut short or corrupted still gives everything before the damage before the error. An empty file gives
+    nothing. (Deflate cannot always tell where damage starts: bytes decoded wrongly before the error is detected
+    come out as lines that fail to parse, each a bad record.)"""
     decoder = zlib.decompressobj(wbits=31)
+    member_started = False
+    data = b""
     while True:
-        data = fh.read(chunk_size)
         if not data:
-            if not decoder.eof:
-                raise EOFError("compressed file ended before the end-of-stream marker was reached")
-            return
-        while data:
-            yield decoder.decompress(data)
-            if not decoder.eof:
-                break
-            data = decoder.unused_data  # appended gzip members (a run that restarted and appended)
-            decoder = zlib.decompressobj(wbits=31)
+            data = fh.read(_CHUNK)
             if not data:
-                data = fh.read(chunk_size)
-                if not data:
-                    return
+                if member_started and not decoder.eof:
+                    rest = decoder.flush()
+                    if rest:
+                        yield rest
+                    if not decoder.eof:
+                        raise EOFError("compressed file ended before the end-of-stream marker was reached")
+                return
+        member_started = True
+        out = decoder.decompress(data, _CHUNK)
+        if out:
+            yield out
+        if decoder.eof:  # appended gzip members (a run that restarted and appended) follow
+            data = decoder.unused_data
+            decoder, member_started = zlib.decompressobj(wbits=31), False
+        else:
+            data = decoder.unconsumed_tail
 
 
 def _read_lines(path: Path) -> Iterator[tuple[int, bytes]]:
-    """(1-based line number, raw line) for every non-blank line, gzip by suffix."""
-    with open(path, "rb") as fh:
-        if not path.name.endswith(".gz"):
-            for number, raw in enumerate(fh, start=1):
-                if raw.strip():
-                    yield number, raw
-            return
-        number, pending = 0, b""
-        for chunk in _gzip_chunks(fh):
-            *complete, pending = (pending + chunk).split(b"\n")
-            for raw in complete:
-                number += 1
-                if raw.strip():
-                    yield number, raw
-        if pending.strip():
-            yield number + 1, pending
+    """(1-based line number, raw line) for every non-blank line, gzip by suffix; a UTF-8 byte-order mark at the
+    start is dropped. Raises :class:`DamagedFileError` after the last line read whole when the file cannot be
+    read to its end."""
+    number = 0
+    try:
+        with open(path, "rb") as fh:
+            chunks = _gzip_chunks(fh) if path.name.endswith(".gz") else iter(partial(fh.read, _CHUNK), b"")
+            pending: list[bytes] = []  # pieces of the line being read (a line may span many chunks)
+            for chunk in chunks:
+                lines = chunk.split(b"\n")
+                if len(lines) == 1:
+                    pending.append(chunk)
+                    continue
+                lines[0] = b"".join(pending + [lines[0]])
+                pending = [lines.pop()]
+                for raw in lines:
+                    number += 1
+                    if number == 1 and raw.startswith(_BOM):
+                        raw = raw[len(_BOM):]
+                    if raw.strip():
+                        yield number, raw
+            tail = b"".join(pending)
+            if number == 0 and tail.startswith(_BOM):
+                tail = tail[len(_BOM):]
+            if tail.strip():
+                yield number + 1, tail
+    except (OSError, EOFError, zlib.error) as err:
+        raise DamagedFileError(path, number, f"{type(err).__name__}: {err}") from err
 
 
 def _dist_rank() -> tuple[int, int] | None:
@@ -102,10 +129,67 @@ def _dist_rank() -> tuple[int, int] | None:
 
 @dataclass
 class BufferItem:
-    """A rollout plus how many bad records this reader skipped since the previous item (for logging)."""
+    """A rollout, how many bad records this reader skipped since the previous item (for logging), and the mean
+    reward of the rollout's whole group (None when unknown; the collator then uses the group's rows in the
+    batch)."""
 
     rollout: Rollout
     skipped: int = 0
+    group_reward_mean: float | None = None
+
+
+@dataclass
+class _PassCounts:
+    """What one reader saw in one pass over the files."""
+
+    groups: int = 0  # groups in the files (every reader sees all of them)
+    owned: int = 0  # groups this reader parses
+    kept: int = 0  # rollouts it delivered
+
+
+class _SkipLog:
+    """Bad-record bookkeeping of one reader's stream: the first ``detailed`` problems are logged in full, later
+    ones are counted and summarized at the end of a pass (at most once a minute); each damaged file is logged
+    once. ``pending`` is attached to the next delivered item (``BufferItem.skipped``, logged as data/skipped)."""
+
+    def __init__(self, detailed: int = 10, summary_every_s: float = 60.0):
+        self.detailed = detailed
+        self.summary_every_s = summary_every_s
+        self.shown = 0
+        self.pending = 0
+        self.in_pass = 0
+        self.last: str | None = None
+        self.damaged_files: set[str] = set()
+        self.last_summary = -float("inf")
+
+    def bad_record(self, message: str) -> None:
+        self.pending += 1
+        self.in_pass += 1
+        self.last = message
+        if self.shown < self.detailed:
+            self.shown += 1
+            log.warning("skipping bad record: %s", message)
+            if self.shown == self.detailed:
+                log.warning("further bad records are counted (data/skipped) and summarized once per pass")
+
+    def damaged_file(self, err: DamagedFileError) -> None:
+        self.pending += 1
+        self.in_pass += 1
+        self.last = str(err)
+        if err.path not in self.damaged_files:
+            self.damaged_files.add(err.path)
+            log.warning("skipping the damaged rest of a file: %s", err)
+
+    def take(self) -> int:
+        pending, self.pending = self.pending, 0
+        return pending
+
+    def end_pass(self) -> None:
+        now = time.monotonic()
+        if self.in_pass and self.shown >= self.detailed and now - self.last_summary >= self.summary_every_s:
+            log.warning("skipped %d bad record(s) in a pass over the buffer; the last: %s", self.in_pass, self.last)
+            self.last_summary = now
+        self.in_pass = 0
 
 
 class RolloutBuffer(IterableDataset):
@@ -113,18 +197,24 @@ class RolloutBuffer(IterableDataset):
 
     Args:
         paths: file, directory, glob, or a list of them.
-        tokenizer: tokenizes messages records (body-only roles); may be None for tokenized-only buffers.
+        tokenizer: the model's tokenizer: renders messages records (body-only roles) and bounds token ids
+            (``len(tokenizer)``) and fingerprints of tokenized records; may be None for tokenized-only buffers
+            (ids are then only checked to be int64).
         shuffle: shuffle file order and records (seeded by ``seed`` and the epoch).
         shuffle_buffer: records held for shuffling (memory bound).
         seed: base seed.
         repeat: cycle epochs forever (step-based training; every rank keeps producing, so DDP never hangs on
             uneven shards); False gives one pass per iteration.
-        on_bad_record: "raise" stops with a :class:`BadRecordError` naming file, line, field and expected form;
-            "skip" logs it and counts it in ``BufferItem.skipped``.
+        on_bad_record: "raise" stops with a :class:`BadRecordError` naming file, line, field and expected form
+            (a :class:`DamagedFileError` naming the file and its last good line for a damaged file); "skip" logs
+            it (the first few in full, then a summary per pass) and counts it in ``BufferItem.skipped``.
         grpo_scale_by_std: GRPO (True) or Dr. GRPO (False) for records without an ``advantage``.
         shard: override (index, count) of this reader; default from DDP rank and dataloader worker.
         skip_batches, batch_size: resume support: the first ``skip_batches`` batches of ``batch_size`` items that a
             DataLoader over this buffer would deliver (workers deliver batches in turn) are read and dropped.
+
+    A pass that gives this reader no rollout raises :class:`EmptyStreamError` when the stream repeats or this is
+    the only reader (an endless stream would spin forever); a one-pass reader among several may own no group.
 
     The DDP rank is read in the process that builds the buffer or starts iterating it (dataloader workers do not
     see the process group), so build it after the process group is up, as Lightning's ``*_dataloader`` hooks do.
@@ -138,6 +228,7 @@ class RolloutBuffer(IterableDataset):
             raise ValueError(f"on_bad_record must be 'raise' or 'skip', got {on_bad_record!r}")
         self.files = expand_paths(paths)
         self.tokenizer = tokenizer
+        self.parse = RecordParser(tokenizer)
         self.shuffle = shuffle
         self.shuffle_buffer = max(1, shuffle_buffer)
         self.seed = seed
@@ -171,8 +262,9 @@ class RolloutBuffer(IterableDataset):
         return self._stream(self.epoch, index, count, to_skip)
 
     def _stream(self, epoch: int, index: int, count: int, to_skip: int) -> Iterator[BufferItem]:
+        skips = _SkipLog()
         while True:
-            for item in self._epoch(epoch, index, count):
+            for item in self._epoch(epoch, index, count, skips):
                 if to_skip:
                     to_skip -= 1
                     continue
@@ -182,21 +274,21 @@ class RolloutBuffer(IterableDataset):
             epoch += 1
 
     # ------------------------------------------------------------------ one pass
-    def _epoch(self, epoch: int, index: int, count: int) -> Iterator[BufferItem]:
+    def _epoch(self, epoch: int, index: int, count: int, skips: _SkipLog) -> Iterator[BufferItem]:
         rng = random.Random(f"{self.seed}/{epoch}/{index}")
         files = list(self.files)
         if self.shuffle:
             random.Random(f"{self.seed}/{epoch}").shuffle(files)  # the same order in every reader
         pool: list[BufferItem] = []
-        skipped = 0
-        for unit, lines in enumerate(self._groups(files)):
+        counts = _PassCounts()
+        for unit, lines in enumerate(self._groups(files, skips, report_damage=index == 0)):
+            counts.groups += 1
             if unit % count != index:
                 continue
-            rollouts, bad = self._parse_group(lines)
-            skipped += bad
-            for rollout in rollouts:
-                item = BufferItem(rollout, skipped)
-                skipped = 0
+            counts.owned += 1
+            for rollout, group_mean in self._parse_group(lines, skips):
+                counts.kept += 1
+                item = BufferItem(rollout, skips.take(), group_mean)
                 if not self.shuffle:
                     yield item
                     continue
@@ -207,11 +299,29 @@ class RolloutBuffer(IterableDataset):
                     yield pool.pop()
         rng.shuffle(pool)
         yield from pool
-        if skipped:
-            log.warning("skipped %d bad record(s) at the end of the buffer that no later record reports", skipped)
+        skips.end_pass()
+        if counts.kept == 0 and (self.repeat or count == 1):
+            raise EmptyStreamError(self._empty_message(counts, index, count, skips))
 
-    def _groups(self, files: list[Path]) -> Iterator[list[tuple[Path, int, bytes]]]:
-        """Maximal runs of consecutive lines sharing a group id; lines without one are groups of their own."""
+    def _empty_message(self, counts: _PassCounts, index: int, count: int, skips: _SkipLog) -> str:
+        files = ", ".join(map(str, self.files[:3])) + (f" and {len(self.files) - 3} more" if len(self.files) > 3
+                                                       else "")
+        if counts.groups == 0 and not skips.last:
+            why = "the files hold no records"
+        elif counts.owned == 0:
+            why = (f"the files hold {counts.groups} group(s), fewer than the {count} readers (DDP ranks x "
+                   f"dataloader workers), and this reader ({index}) owns none: use fewer num_workers or more data")
+        else:
+            why = (f"every record of this reader's {counts.owned} group(s) was bad (on_bad_record="
+                   f"{self.on_bad_record!r}); the last problem: {skips.last}")
+        return f"no usable rollout in a pass over {files}: {why}"
+
+    def _groups(self, files: list[Path], skips: _SkipLog, report_damage: bool
+                ) -> Iterator[list[tuple[Path, int, bytes]]]:
+        """Maximal runs of consecutive lines sharing a group id; lines without one are groups of their own.
+
+        A damaged file ends its last group at the last line read whole; in skip mode the damage is counted once
+        (by reader 0, as every reader reads every file)."""
         current: list[tuple[Path, int, bytes]] = []
         current_id: str | None = None
         for path in files:
@@ -223,32 +333,44 @@ class RolloutBuffer(IterableDataset):
                         current = []
                     current.append((path, number, raw))
                     current_id = gid
-            except (OSError, EOFError) as err:  # e.g. a gzip file cut short by a crash
+            except DamagedFileError as err:
                 if self.on_bad_record == "raise":
-                    raise OSError(f"{path}: cannot read the file to the end ({err}); pass on_bad_record='skip' "
-                                  "to keep the records before the damage") from err
-                log.warning("%s: stopped reading at damaged data (%s)", path, err)
+                    raise DamagedFileError(path, err.last_good_line, err.reason,
+                                           hint="; pass on_bad_record='skip' to keep the records before the "
+                                                "damage") from err
+                if report_damage:
+                    skips.damaged_file(err)
             if current:  # groups never span files
                 yield current
                 current, current_id = [], None
 
-    def _parse_group(self, lines: list[tuple[Path, int, bytes]]) -> tuple[list[Rollout], int]:
+    def _parse_group(self, lines: list[tuple[Path, int, bytes]], skips: _SkipLog
+                     ) -> list[tuple[Rollout, float]]:
+        """The group's good rollouts with their GRPO advantages (where a record has none) and the group's mean
+        reward, both over the whole group."""
         rollouts: list[Rollout] = []
-        bad = 0
         for path, number, raw in lines:
             try:
-                rollouts.append(parse_record(raw, self.tokenizer))
+                rollouts.append(self.parse(raw))
             except BadRecordError as err:
                 located = err.located(str(path), number)
                 if self.on_bad_record == "raise":
                     raise located from None
-                log.warning("skipping bad record: %s", located)
-                bad += 1
+                skips.bad_record(str(located))
+            except Exception as err:  # a failure the checks did not foresee: still one bad record, located
+                located = BadRecordError("<record>", "a record the reader can process (this is a reader bug: "
+                                         "please report it)", got=f"{type(err).__name__}: {err}",
+                                         path=str(path), line=number)
+                if self.on_bad_record == "raise":
+                    raise located from err
+                skips.bad_record(str(located))
+        if not rollouts:
+            return []
+        rewards, groups = [r.reward for r in rollouts], [r.group_id for r in rollouts]
         missing = [r for r in rollouts if r.advantage is None]
         if missing:
-            advantages = grpo_advantages([r.reward for r in rollouts], [r.group_id for r in rollouts],
-                                         scale_by_std=self.grpo_scale_by_std)
+            advantages = grpo_advantages(rewards, groups, scale_by_std=self.grpo_scale_by_std)
             for rollout, advantage in zip(rollouts, advantages):
                 if rollout.advantage is None:
                     rollout.advantage = advantage
-        return rollouts, bad
+        return list(zip(rollouts, group_mean_rewards(rewards, groups)))

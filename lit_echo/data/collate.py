@@ -6,20 +6,42 @@ Truncation policy (``truncation``):
         labelled exactly.
     "drop": leave over-long rollouts out of the batch (a batch that would be empty keeps the shortest rollout,
         truncated on the right).
-Either way the batch reports how many rollouts were affected (``num_truncated``), and the module logs it.
+Either way the batch reports how many rollouts were affected (``num_truncated``), and the module logs it. A
+``max_length`` that leaves no rollout of a batch any ACTION/OBSERVATION/WARNING token (every prompt is longer) is
+an error at the first batch and a warning later.
 """
 
 from __future__ import annotations
 
+import logging
 import math
+import time
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 
+from lit_echo.advantages import group_mean_rewards
 from lit_echo.data.buffer import BufferItem
 from lit_echo.roles import Role
 from lit_echo.rollout import Rollout
+
+log = logging.getLogger(__name__)
+
+
+def pad_token_id(tokenizer: Any) -> int:
+    """The id batches are padded with: the tokenizer's pad token, else its end-of-sequence token, else 0 (also
+    without a tokenizer). Padding is masked out of attention and loss, so the id only has to exist."""
+    for candidate in (getattr(tokenizer, "pad_token_id", None), getattr(tokenizer, "eos_token_id", None)):
+        if candidate is not None:
+            return int(candidate)
+    return 0
+
+
+def _prompt_length(rollout: Rollout) -> int | None:
+    """Tokens before the first learnable target (the first non-CONTEXT token after position 0), None if the
+    rollout has none; ``max_length`` must exceed it for the rollout to train anything."""
+    return next((t for t in range(1, len(rollout.roles)) if rollout.roles[t] != Role.CONTEXT), None)
 
 TRUNCATION_POLICIES = ("right", "drop")
 
@@ -35,6 +57,9 @@ class RolloutCollator:
                        ACTION tokens on-policy)
         advantages     [B] float32 (0 where a record has none)
         rewards        [B] float32
+        group_reward_mean [B] float32, mean reward of each row's whole group: from the buffer (computed over the
+                       whole group before shuffling), else over the rows of that group in this batch (online
+                       batches hold whole groups); a row without a group id is its own group
         policy_version [B] long
         group_ids      list[str]
         num_truncated, num_skipped  ints for logging
@@ -50,16 +75,25 @@ class RolloutCollator:
         self.max_length = max_length
         self.truncation = truncation
         self.advantage = advantage  # a constant for every rollout (SFT as RL), else the rollouts' own
+        self._batches = 0
+        self._last_warning = -math.inf
 
     def __call__(self, items: Sequence[Rollout | BufferItem]) -> dict[str, Any]:
         rollouts = [it.rollout if isinstance(it, BufferItem) else it for it in items]
         skipped = sum(it.skipped for it in items if isinstance(it, BufferItem))
+        group_means = self._group_means(items, rollouts)
         limit = self.max_length or max(len(r) for r in rollouts)
+        self._check_length(rollouts, limit)
         too_long = [len(r) > limit for r in rollouts]
         if self.truncation == "drop" and not all(too_long):
-            rollouts = [r for r, long in zip(rollouts, too_long) if not long]
+            keep = [not long for long in too_long]
         elif self.truncation == "drop":
-            rollouts = [min(rollouts, key=len)]
+            shortest = min(range(len(rollouts)), key=lambda i: len(rollouts[i]))
+            keep = [i == shortest for i in range(len(rollouts))]
+        else:
+            keep = [True] * len(rollouts)
+        rollouts = [r for r, k in zip(rollouts, keep) if k]
+        group_means = [m for m, k in zip(group_means, keep) if k]
         B = len(rollouts)
         T = min(limit, max(len(r) for r in rollouts))
         input_ids = torch.full((B, T), self.pad_token_id, dtype=torch.long)  # [B, T]
@@ -82,8 +116,39 @@ class RolloutCollator:
             "advantages": torch.tensor([self.advantage if self.advantage is not None else (r.advantage or 0.0)
                                         for r in rollouts], dtype=torch.float32),  # [B]
             "rewards": torch.tensor([r.reward for r in rollouts], dtype=torch.float32),  # [B]
+            "group_reward_mean": torch.tensor(group_means, dtype=torch.float32),  # [B]
             "policy_version": torch.tensor([r.policy_version for r in rollouts], dtype=torch.long),  # [B]
             "group_ids": [r.group_id for r in rollouts],
             "num_truncated": sum(too_long),
             "num_skipped": skipped,
         }
+
+    @staticmethod
+    def _group_means(items: Sequence[Rollout | BufferItem], rollouts: list[Rollout]) -> list[float]:
+        """[B] whole-group mean rewards: the buffer's, else the mean over the batch rows of the group."""
+        known = [it.group_reward_mean if isinstance(it, BufferItem) else None for it in items]
+        if all(m is not None for m in known):
+            return known
+        # Rows without a group id are groups of their own (as in the buffer): give them unique keys.
+        groups = [r.group_id if r.group_id else ("", i) for i, r in enumerate(rollouts)]
+        in_batch = group_mean_rewards([r.reward for r in rollouts], groups)
+        return [m if m is not None else b for m, b in zip(known, in_batch)]
+
+    def _check_length(self, rollouts: list[Rollout], limit: int) -> None:
+        """Error (first batch) or warning (later, at most once a minute) when ``max_length`` cuts every rollout of
+        the batch before its first learnable token: such a batch trains nothing and logs a loss of 0."""
+        self._batches += 1
+        if self.max_length is None:
+            return
+        prompts = [p for p in map(_prompt_length, rollouts) if p is not None]
+        if not prompts or min(prompts) < limit:
+            return
+        message = (f"data.max_length={self.max_length} cuts every rollout of this batch before its first "
+                   f"ACTION/OBSERVATION/WARNING token (the shortest prompt here is {min(prompts)} tokens), so it "
+                   f"trains nothing; raise data.max_length above {min(prompts)}")
+        if self._batches == 1:
+            raise ValueError(message + " (checked on the first batch)")
+        now = time.monotonic()
+        if now - self._last_warning >= 60.0:
+            self._last_warning = now
+            log.warning(message)

@@ -5,10 +5,11 @@ from __future__ import annotations
 from typing import Any, Literal
 
 import lightning as L
+from lightning.pytorch.callbacks import Timer
 from torch.utils.data import DataLoader
 
 from lit_echo.data.buffer import RolloutBuffer
-from lit_echo.data.collate import RolloutCollator
+from lit_echo.data.collate import RolloutCollator, pad_token_id
 from lit_echo.pretrained import load_tokenizer
 
 
@@ -23,6 +24,17 @@ class _EpochLoader(DataLoader):
         return iterator
 
 
+def _require_stopping_point(trainer: Any) -> None:
+    """The endless ``repeat`` stream never ends an epoch: fitting on it needs a step limit (``trainer.max_steps``),
+    a batch limit per epoch (an integer ``limit_train_batches``), ``max_time`` or ``fast_dev_run``."""
+    if trainer is None or trainer.max_steps != -1 or trainer.fast_dev_run:
+        return
+    if isinstance(trainer.limit_train_batches, int) or any(isinstance(cb, Timer) for cb in trainer.callbacks):
+        return
+    raise ValueError("data.repeat=true streams the training buffer forever, so an epoch never ends: set "
+                     "trainer.max_steps (or set data.repeat=false to train by trainer.max_epochs)")
+
+
 class RolloutDataModule(L.LightningDataModule):
     """Streams training rollouts from JSON-lines buffers; loads the (small) validation buffer into memory.
 
@@ -31,14 +43,17 @@ class RolloutDataModule(L.LightningDataModule):
         val_path: held-out rollouts for ``val/world_nll`` and ``val/world_acc``; None disables validation.
         tokenizer: name or path of the tokenizer that renders messages records; normally linked to the model's
             ``model.model_name_or_path`` by the CLI.
-        batch_size: rollouts per micro-batch.
+        batch_size: rollouts per optimizer step of one rank (the module splits them into
+            ``model.micro_batch_size`` rows per forward pass).
         val_batch_size: defaults to ``batch_size``.
         max_length: tokens per rollout after truncation (None: no limit).
         truncation: "right" keeps the first ``max_length`` tokens; "drop" leaves over-long rollouts out.
         shuffle, shuffle_buffer, seed: seeded streaming shuffle (``shuffle_buffer`` records in memory).
-        repeat: cycle the training buffer forever (train by ``max_steps``); False: one pass per epoch.
+        repeat: cycle the training buffer forever (train by ``trainer.max_steps``, required then); False: one pass
+            per epoch.
         num_workers: dataloader workers; records are sharded across workers and DDP ranks.
         on_bad_record: "raise" (stop, naming file, line, field) or "skip" (log, count in ``data/skipped``).
+            Either way a pass over the buffer that yields no usable rollout is an error.
         grpo_scale_by_std: advantages of records without one: GRPO (True) or Dr. GRPO (False).
         advantage: a constant advantage for every training record, replacing stored and GRPO ones. 1.0 trains
             expert rollouts as "SFT = RL with a constant positive advantage" (docs/method.md §3.6) through the
@@ -78,18 +93,20 @@ class RolloutDataModule(L.LightningDataModule):
         return self._tokenizer
 
     def collator(self, advantage: float | None = None) -> RolloutCollator:
-        tok = self.tokenizer
-        pad = 0 if tok is None else (tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
-        return RolloutCollator(pad, self.hparams.max_length, self.hparams.truncation, advantage)
+        return RolloutCollator(pad_token_id(self.tokenizer), self.hparams.max_length, self.hparams.truncation,
+                               advantage)
 
     def _buffer(self, path, **overrides) -> RolloutBuffer:
         h = self.hparams
-        kwargs = dict(tokenizer=self.tokenizer, shuffle=h.shuffle, shuffle_buffer=h.shuffle_buffer, seed=h.seed,
-                      repeat=h.repeat, on_bad_record=h.on_bad_record, grpo_scale_by_std=h.grpo_scale_by_std)
+        kwargs = {"tokenizer": self.tokenizer, "shuffle": h.shuffle, "shuffle_buffer": h.shuffle_buffer,
+                  "seed": h.seed, "repeat": h.repeat, "on_bad_record": h.on_bad_record,
+                  "grpo_scale_by_std": h.grpo_scale_by_std}
         kwargs.update(overrides)
         return RolloutBuffer(path, **kwargs)
 
     def setup(self, stage: str | None = None) -> None:
+        if stage == "fit" and self.hparams.train_path is not None and self.hparams.repeat:
+            _require_stopping_point(getattr(self, "trainer", None))
         if self.hparams.val_path is not None and self.val_rollouts is None:
             # Read every record in every process; Lightning's distributed sampler splits them across ranks.
             buffer = self._buffer(self.hparams.val_path, shuffle=False, repeat=False, shard=(0, 1))
