@@ -14,8 +14,11 @@ Two ways to run the G steps of a turn (``SamplingSettings.env_isolation``):
 * ``"process"``: each instance lives in its own worker process (:class:`ProcessEnv`, built there from a picklable
   factory such as :class:`~lit_echo.envs.base.EnvSpec`). The steps are sent to all workers at once and the
   replies awaited with :func:`multiprocessing.connection.wait` until the deadline; a worker that overruns is
-  killed (SIGKILL to its process group) and replaced. Workers die with the trainer: on Linux they ask the kernel
-  for SIGKILL when their parent exits (``PR_SET_PDEATHSIG``), so a SIGTERM'ed run leaves nothing behind.
+  killed (SIGKILL to its process group) and replaced. Workers are started with ``spawn`` and die with the
+  trainer: on Linux they ask the kernel for SIGKILL when their parent exits (``PR_SET_PDEATHSIG``), so a
+  SIGTERM'ed or killed run leaves nothing behind. (The kernel ties that to the thread that started the worker:
+  the generator starts workers from the thread that calls it, normally the main thread, which lives as long as
+  the run.)
 
 Why not ``concurrent.futures.ProcessPoolExecutor``: an environment instance is stateful and must stay in one
 process across a whole episode, and a pool can neither pin work to a worker nor kill one worker that hangs.
@@ -81,24 +84,28 @@ def _valid_unicode(text: str, field: str) -> None:
         raise BadStepResult(f"{field} is not valid Unicode ({err.reason} at index {err.start})") from None
 
 
+def _is_bool(value: Any) -> bool:
+    return isinstance(value, bool) or (type(value).__module__ == "numpy" and type(value).__name__ in ("bool", "bool_"))
+
+
 def _flag(value: Any, field: str) -> bool:
-    # bool, numpy.bool_ and the integers 0/1 are flags; anything else (None, "yes", 2, 0.5) is a bug to report.
-    if isinstance(value, bool) or type(value).__name__ == "bool_":
+    # bool, numpy's bool and the integers 0/1 are flags; anything else (None, "yes", 2, 0.5) is a bug to report.
+    if _is_bool(value) or (isinstance(value, numbers.Integral) and value in (0, 1)):
         return bool(value)
-    if isinstance(value, numbers.Integral) and value in (0, 1):
-        return bool(value)
-    raise BadStepResult(f"{field} is {value!r} ({type(value).__name__}), expected a bool")
+    shown = repr(value) if isinstance(value, (str, float)) and len(repr(value)) <= 40 else (
+        str(value) if isinstance(value, int) and abs(value) < 10**30 else "a value")
+    raise BadStepResult(f"{field} is {shown} ({type(value).__name__}), expected a bool")
 
 
 def check_reward(value: Any, field: str = "reward") -> float:
     """``value`` as a float if it is a real number (not a bool) that is finite and within float32 range."""
-    if isinstance(value, bool) or type(value).__name__ == "bool_" or not isinstance(value, numbers.Real):
+    if _is_bool(value) or not isinstance(value, numbers.Real):
         raise BadStepResult(f"{field} is {type(value).__name__}, expected a real number (int or float; "
                             "not bool: return 1.0 or 0.0)")
     try:
         reward = float(value)
     except (OverflowError, ValueError):  # an int too large for a float
-        raise BadStepResult(f"{field} is {str(value)[:40]}, beyond float32 range") from None
+        raise BadStepResult(f"{field} is an integer of {value.bit_length()} bits, beyond float32 range") from None
     if not math.isfinite(reward):
         raise BadStepResult(f"{field} is {reward}, expected a finite number")
     if abs(reward) > FLOAT32_MAX:
@@ -203,10 +210,10 @@ def _step_in_threads(envs: Sequence[Environment], actions: Sequence[str], trunca
 
 # ---------------------------------------------------------------------------------------------- process isolation
 def _context() -> multiprocessing.context.BaseContext:
-    """forkserver where available (a fresh, small server process forks the workers: fast, and safe after CUDA or
-    threads have started in the trainer), else spawn."""
-    methods = multiprocessing.get_all_start_methods()
-    return multiprocessing.get_context("forkserver" if "forkserver" in methods else "spawn")
+    """spawn: a fresh interpreter per worker (safe after CUDA or threads have started in the trainer), and the
+    trainer is the worker's parent, so the worker can ask to die with it. (forkserver would be faster to start,
+    but its workers would be children of the fork server, which itself waits for them to exit.)"""
+    return multiprocessing.get_context("spawn")
 
 
 def _die_with_parent() -> None:

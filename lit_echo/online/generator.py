@@ -339,8 +339,9 @@ class GroupGenerator:
         stats.env_errors += 1
         if failure.timed_out:
             stats.env_timeouts += 1
-            # Thread mode: its step may still be running; process mode: its worker was killed. Either way the
-            # instance is retired (closed in the background) and replaced.
+        if failure.timed_out or (isinstance(episode.env, ProcessEnv) and not episode.env.alive):
+            # Thread mode: its step may still be running; process mode: its worker was killed (or died). Either
+            # way the instance is retired (closed in the background) and replaced.
             index = next(i for i, env in enumerate(self._envs) if env is episode.env)
             threading.Thread(target=close_quietly, args=([episode.env],), daemon=True, name="env-retire").start()
             self._envs[index] = self._new_env()
