@@ -329,3 +329,14 @@ def _exists(pid: int) -> bool:
             return f.read().split(") ")[1][0] != "Z"
     except (FileNotFoundError, IndexError):
         return False
+
+
+def test_failure_text_is_valid_unicode():
+    """Found by the fuzz suite: an exception message with a lone surrogate crashed the tokenizer."""
+    class Raises:
+        def step(self, action):
+            raise ValueError("bad \ud800 text")
+
+    failure = guarded_step(Raises(), "a")
+    assert failure.message == "[environment error: ValueError: bad \\ud800 text]"
+    failure.message.encode("utf-8")

@@ -161,11 +161,14 @@ def accepts_truncated(env_type: type) -> bool:
 
 
 def _describe(err: BaseException) -> str:
+    """``"Type: message"``, cut to a few hundred characters and made valid Unicode (the text is tokenized as a
+    warning and written to JSON, so a lone surrogate in an exception's message must not get through)."""
     try:
         text = f"{type(err).__name__}: {err}"
     except Exception:  # an exception whose __str__ itself fails
         text = type(err).__name__
-    return text if len(text) <= _MESSAGE_CHARS else text[:_MESSAGE_CHARS] + "..."
+    text = text if len(text) <= _MESSAGE_CHARS else text[:_MESSAGE_CHARS] + "..."
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def guarded_step(env: Environment, action: str, truncated: bool = False,
