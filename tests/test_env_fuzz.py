@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import math
 import sys
-from fractions import Fraction
 
 import numpy as np
 import pytest
@@ -28,8 +27,7 @@ from lit_echo.chat import RolloutBuilder, role_spans_text
 from lit_echo.envs.base import StepResult
 from lit_echo.envs.shellworld import ShellWorld
 from lit_echo.envs.shellworld.shell import COMMANDS
-from lit_echo.online.env_runner import (FLOAT32_MAX, BadStepResult, StepFailure, check_step_result, guarded_step,
-                                        step_all)
+from lit_echo.online.env_runner import FLOAT32_MAX, BadStepResult, StepFailure, check_step_result, guarded_step
 from lit_echo.online.generator import GenerationStats, GroupGenerator, SamplingSettings, _Episode
 from lit_echo.roles import Role
 

@@ -17,9 +17,9 @@ Tool-call format
 ``command_format="plain"`` (default): the assistant's whole turn, stripped, is the game command (``go east``).
 ``command_format="cmd"``: the command goes inside ``<cmd>...</cmd>`` and free text around it is allowed, as in
 ShellWorld; a turn with no (or several) ``<cmd>`` gets a ``StepResult.warning`` and the game does not advance.
-An empty command gets a warning in both formats (the standard texts of :mod:`lit_echo.envs.actions`). A command TextWorld does not list as admissible in the
-current state is still sent to the game (its reply, e.g. "That's not a verb I recognise.", is the observation)
-and counted with ``info["valid_action"] = False``.
+An empty command gets a warning in both formats (the standard texts of :mod:`lit_echo.envs.actions`). A command
+TextWorld does not list as admissible in the current state is still sent to the game (its reply, e.g. "That's
+not a verb I recognise.", is the observation) and counted with ``info["valid_action"] = False``.
 
 Observations and reward
 -----------------------

@@ -150,7 +150,7 @@ def check_step_result(result: Any, max_observation_chars: int | None = None) -> 
 
 
 # ---------------------------------------------------------------------------------------------- one guarded step
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def accepts_truncated(env_type: type) -> bool:
     """Whether ``env_type.step`` takes a ``truncated`` keyword (checked once per class)."""
     try:

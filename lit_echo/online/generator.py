@@ -36,8 +36,7 @@ import torch
 
 from lit_echo.chat import RolloutBuilder
 from lit_echo.envs.base import Environment, StepResult, truncate_observation  # noqa: F401  (re-exported)
-from lit_echo.online.env_runner import (FLOAT32_MAX, ProcessEnv, StepFailure, close_quietly, env_name,
-                                        step_all)
+from lit_echo.online.env_runner import FLOAT32_MAX, ProcessEnv, StepFailure, close_quietly, env_name, step_all
 from lit_echo.rollout import Rollout
 
 log = logging.getLogger(__name__)

@@ -13,8 +13,7 @@ from lit_echo.envs.base import StepResult
 from lit_echo.envs.shellworld.filesystem import FileSystem
 from lit_echo.envs.shellworld.generate import HELDOUT_STYLE, TRAIN_STYLE, World, generate_world
 from lit_echo.envs.shellworld.shell import COMMANDS, Shell
-from lit_echo.envs.shellworld.tasks import (HELDOUT_TASK_TYPES, TASK_BUILDERS, TRAIN_TASK_TYPES, Task,
-                                            answer_matches)
+from lit_echo.envs.shellworld.tasks import HELDOUT_TASK_TYPES, TASK_BUILDERS, TRAIN_TASK_TYPES, Task, answer_matches
 
 SPLITS = {
     "train": (TRAIN_STYLE, TRAIN_TASK_TYPES),
