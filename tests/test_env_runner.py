@@ -237,7 +237,7 @@ def test_process_mode_ends_hung_rollouts_and_replaces_workers(model, tokenizer, 
         assert len(rollouts) == 2
     finally:
         generator.close()
-    assert not any(p.is_alive() for p in old_workers) and generator._envs == []
+    assert not any(p.poll() is None for p in old_workers) and generator._envs == []
 
 
 def test_process_mode_roles_match_thread_mode(model, tokenizer):

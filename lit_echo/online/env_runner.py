@@ -14,14 +14,19 @@ Two ways to run the G steps of a turn (``SamplingSettings.env_isolation``):
 * ``"process"``: each instance lives in its own worker process (:class:`ProcessEnv`, built there from a picklable
   factory such as :class:`~lit_echo.envs.base.EnvSpec`). The steps are sent to all workers at once and the
   replies awaited with :func:`multiprocessing.connection.wait` until the deadline; a worker that overruns is
-  killed (SIGKILL to its process group) and replaced. Workers are started with ``spawn`` and die with the
-  trainer: on Linux they ask the kernel for SIGKILL when their parent exits (``PR_SET_PDEATHSIG``), so a
-  SIGTERM'ed or killed run leaves nothing behind. (The kernel ties that to the thread that started the worker:
-  the generator starts workers from the thread that calls it, normally the main thread, which lives as long as
-  the run.)
+  killed (SIGKILL to its session) and replaced. A worker is a fresh interpreter (``python -m
+  lit_echo.online.env_worker``, safe after CUDA or threads have started in the trainer) that imports only itself
+  and the environment, never the trainer's main script or torch; requests and replies are pickled over a socket
+  pair with :class:`multiprocessing.connection.Connection`. Workers die with the trainer: on Linux they ask the
+  kernel for SIGKILL when their parent exits (``PR_SET_PDEATHSIG``), so a SIGTERM'ed or killed run leaves nothing
+  behind. (The kernel ties that to the thread that started the worker: the generator starts workers from the
+  thread that calls it, normally the main thread, which lives as long as the run.) POSIX only.
 
 Why not ``concurrent.futures.ProcessPoolExecutor``: an environment instance is stateful and must stay in one
-process across a whole episode, and a pool can neither pin work to a worker nor kill one worker that hangs.
+process across a whole episode, and a pool can neither pin work to a worker nor kill one worker that hangs. Why
+not ``multiprocessing.Process``: its ``spawn`` start re-imports the trainer's main module in every worker (for
+``lit-echo``, Lightning and torch), and its ``forkserver`` workers are children of the fork server, which waits
+for them, so they could not die with the trainer.
 """
 
 from __future__ import annotations
@@ -37,6 +42,8 @@ import numbers
 import os
 import pickle
 import signal
+import socket
+import subprocess
 import sys
 import threading
 import time
@@ -212,30 +219,25 @@ def _step_in_threads(envs: Sequence[Environment], actions: Sequence[str], trunca
 
 
 # ---------------------------------------------------------------------------------------------- process isolation
-def _context() -> multiprocessing.context.BaseContext:
-    """spawn: a fresh interpreter per worker (safe after CUDA or threads have started in the trainer), and the
-    trainer is the worker's parent, so the worker can ask to die with it. (forkserver would be faster to start,
-    but its workers would be children of the fork server, which itself waits for them to exit.)"""
-    return multiprocessing.get_context("spawn")
-
-
-def _die_with_parent() -> None:
+def _die_with_parent(parent_pid: int) -> None:
     """Linux: SIGKILL this process when its parent exits, even while it is stuck in C code."""
-    if not sys.platform.startswith("linux"):
-        return
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        except (OSError, AttributeError):
+            pass
+    if os.getppid() != parent_pid:  # the parent died before the request took effect
+        os._exit(1)
 
 
-def _worker(conn, payload: bytes, sys_path: list[str]) -> None:
-    """A worker process: build one environment, then answer ``reset``/``step``/``close`` requests until EOF."""
-    _die_with_parent()
-    if hasattr(os, "setpgrp"):
-        os.setpgrp()  # its own process group: a kill reaches whatever the environment itself started
+def serve(fd: int, parent_pid: int) -> None:
+    """The worker process (``python -m lit_echo.online.env_worker FD PPID``): receive the trainer's ``sys.path``
+    and the pickled factory over the socket ``fd``, build one environment, then answer ``reset``/``step``/``close``
+    requests until EOF."""
+    _die_with_parent(parent_pid)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is for the trainer, which then closes its workers
+    conn = multiprocessing.connection.Connection(fd)
+    sys_path, payload = conn.recv()
     sys.path[:] = sys_path  # import the environment's module exactly as the trainer would
     try:
         env = pickle.loads(payload)()
@@ -290,12 +292,16 @@ class ProcessEnv:
         self.name = factory.name if isinstance(factory, EnvSpec) else getattr(factory, "__name__", None) or \
             getattr(getattr(factory, "func", None), "__name__", type(factory).__name__)
         self.timeout_s = timeout_s
-        ctx = _context()
-        self.conn, child = ctx.Pipe()
-        self.process = ctx.Process(target=_worker, args=(child, payload, list(sys.path)), daemon=True,
-                                   name=f"env-{self.name}")
-        self.process.start()
-        child.close()  # the worker holds the only copy: its death is an EOF here
+        ours, theirs = socket.socketpair()
+        environ = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+        # A fresh interpreter that imports only the worker module and the environment's (not the trainer's main
+        # script, as multiprocessing's spawn would); its own session, so a kill reaches whatever it started.
+        self.process = subprocess.Popen([sys.executable, "-m", "lit_echo.online.env_worker", str(theirs.fileno()),
+                                         str(os.getpid())], pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL,
+                                        env=environ, start_new_session=True)
+        theirs.close()  # the worker holds the only copy: its death is an EOF here
+        self.conn = multiprocessing.connection.Connection(ours.detach())
+        self.conn.send((list(sys.path), payload))
         self._call_result(timeout_s, "construction")
 
     # -- requests ---------------------------------------------------------------------------------------------
@@ -304,16 +310,16 @@ class ProcessEnv:
 
     def receive(self, timeout_s: float | None) -> tuple[str, Any]:
         """The worker's next reply; ``("dead", message)`` if it exited, ``("timeout", None)`` if none came."""
-        ready = multiprocessing.connection.wait([self.conn, self.process.sentinel], timeout_s)
-        if self.conn in ready or (ready and self.conn.poll()):
+        if not multiprocessing.connection.wait([self.conn], timeout_s):
+            return "timeout", None
+        try:
+            return self.conn.recv()
+        except (EOFError, OSError):
             try:
-                return self.conn.recv()
-            except (EOFError, OSError):
-                pass
-        if ready:
-            self.process.join(1.0)
-            return "dead", f"worker process died (exit code {self.process.exitcode})"
-        return "timeout", None
+                code = self.process.wait(5.0)
+            except subprocess.TimeoutExpired:
+                code = None
+            return "dead", f"worker process died (exit code {code})"
 
     def _call_result(self, timeout_s: float | None, what: str) -> Any:
         status, value = self.receive(timeout_s)
@@ -346,17 +352,21 @@ class ProcessEnv:
     # -- lifetime ---------------------------------------------------------------------------------------------
     @property
     def alive(self) -> bool:
-        return self.process.is_alive()
+        return self.process.poll() is None
 
     def kill(self) -> None:
         """SIGKILL the worker and its process group (whatever it was doing), then reap it."""
-        if self.process.pid is not None and self.process.exitcode is None:
+        if self.process.poll() is None:
             try:
                 os.killpg(self.process.pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError, AttributeError):
+            except (ProcessLookupError, PermissionError):
                 self.process.kill()
-        self.process.join(5.0)
-        self.conn.close()
+        try:
+            self.process.wait(5.0)
+        except subprocess.TimeoutExpired:
+            log.warning("%s: worker process %d did not exit after SIGKILL", self.name, self.process.pid)
+        if not self.conn.closed:
+            self.conn.close()
 
     def close(self, timeout_s: float = _CLOSE_WAIT_S) -> None:
         """Let the instance run its own ``close()`` (for up to ``timeout_s``), then end the worker. Idempotent."""
@@ -389,8 +399,7 @@ def _step_in_processes(envs: Sequence[ProcessEnv], actions: Sequence[str], trunc
             left = None if deadline is None else deadline - time.monotonic()
             if left is not None and left <= 0:
                 break
-            waitables = [w for env in pending.values() for w in (env.conn, env.process.sentinel)]
-            if not multiprocessing.connection.wait(waitables, left):
+            if not multiprocessing.connection.wait([env.conn for env in pending.values()], left):
                 break
             for i, env in list(pending.items()):
                 status, value = env.receive(0)
