@@ -21,9 +21,9 @@ import torch
 from lit_echo import models
 from lit_echo.data.buffer import RolloutBuffer
 from lit_echo.data.collate import RolloutCollator
-from lit_echo.envs.expert import seed_range
+from lit_echo.envs.base import import_env_class
+from lit_echo.envs.shellworld.expert import seed_range
 from lit_echo.metrics import world_model_sums
-from lit_echo.online.datamodule import import_env_class
 from lit_echo.online.generator import GroupGenerator, SamplingSettings
 
 

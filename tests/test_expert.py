@@ -8,7 +8,7 @@ import re
 
 import pytest
 
-from lit_echo.envs.expert import SOLVERS, expert_rollout, main
+from lit_echo.envs.shellworld.expert import SOLVERS, expert_rollout, main
 from lit_echo.envs.shellworld import HELDOUT_TASK_TYPES, TRAIN_TASK_TYPES, ShellWorld
 
 _CMD = re.compile(r"<cmd>.*?</cmd>", re.DOTALL)
@@ -79,3 +79,24 @@ def test_record_tokenizes_with_body_roles(tiny_tokenizer):
     assert [t for r, t in spans if r == Role.OBSERVATION] == [m["content"] for m in tools if m["content"]]
     assert [t for r, t in spans if r == Role.WARNING] == [m["warning"] for m in tools if "warning" in m]
     assert rollout.reward == 1.0 and rollout.group_id == "shellworld-train-2"
+
+
+def test_observations_are_cut_like_the_generator_cuts_them():
+    from lit_echo.envs.base import truncate_observation
+
+    full = expert_rollout(ShellWorld("train"), 1)
+    cut = expert_rollout(ShellWorld("train"), 1, max_observation_chars=12)
+    full_tools = [m["content"] for m in full["messages"] if m["role"] == "tool"]
+    cut_tools = [m["content"] for m in cut["messages"] if m["role"] == "tool"]
+    assert cut_tools[0] == truncate_observation(full_tools[0], 12) != full_tools[0]
+
+
+def test_old_module_path_still_works():
+    import subprocess
+    import sys
+
+    from lit_echo.envs import expert as old
+
+    assert old.expert_rollout is expert_rollout
+    out = subprocess.run([sys.executable, "-m", "lit_echo.envs.expert", "--help"], capture_output=True, text=True)
+    assert out.returncode == 0 and "--max-observation-chars" in out.stdout

@@ -196,7 +196,7 @@ def test_a_failing_environment_ends_only_its_rollout(model, tokenizer, mode):
 
 
 def test_a_group_plays_one_task_in_g_environment_instances(model, tokenizer):
-    generator = GroupGenerator(lambda: ShellWorld("train", max_turns=2), tokenizer,
+    generator = GroupGenerator(lambda: ShellWorld("train"), tokenizer,
                                SamplingSettings(max_new_tokens=8, max_turns=2))
     rollouts, stats = generator.generate_group(model, seed=5, group_size=3, group_id="shell-5")
     envs = _envs(generator)
@@ -216,7 +216,7 @@ def test_4bit_generate_then_train_keeps_every_lora_gradient(tiny_checkpoint, tok
         for name, param in model.named_parameters():
             if "lora_B" in name:
                 param.normal_(0, 0.05)  # non-zero B, so lora_A gets a gradient too
-    generator = GroupGenerator(lambda: ShellWorld("train", max_turns=2), tokenizer,
+    generator = GroupGenerator(lambda: ShellWorld("train"), tokenizer,
                                SamplingSettings(max_new_tokens=8, max_turns=2))
     for _ in range(2):  # alternate: generate, train, generate, train
         model.train()

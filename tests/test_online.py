@@ -43,7 +43,7 @@ class BatchRecorder(L.Callback):
 
 
 def _fit(checkpoint, tmp_path, max_steps=3, **data_kwargs):
-    kwargs = dict(env_class="lit_echo.envs.shellworld.ShellWorld", env_kwargs={"split": "train", "max_turns": 2},
+    kwargs = dict(env_class="lit_echo.envs.shellworld.ShellWorld", env_kwargs={"split": "train"},
                   group_size=2, groups_per_step=1, generate_every=2, max_new_tokens=8, max_turns=2,
                   max_total_tokens=768, buffer_dir=str(tmp_path / "rollouts"), tokenizer=str(checkpoint),
                   max_length=768)

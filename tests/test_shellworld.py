@@ -103,6 +103,11 @@ CASES = [
     ("ls > out.txt", "bash: '>' is not supported here; only pipes (|) are available\n"),
     ("ls |", "bash: syntax error: unexpected end of file\n"),
     ("grep 'x", "bash: unexpected EOF while looking for matching '''\n"),
+    # bash's backslash rules: kept inside single quotes, escaping only " \ $ ` inside double quotes
+    (r"""echo "a\"b" "c\d" 'e\f' g\h""", "a\"b c\\d e\\f gh\n"),
+    ("echo a'b'\"c\"d ~ x~", "abcd /home/user x~\n"),
+    ('echo "a', "bash: unexpected EOF while looking for matching '\"'\n"),
+    ("echo $HOME $(ls)", "bash: '$(' is not supported here; only pipes (|) are available\n"),
 ]
 
 
@@ -161,15 +166,7 @@ def test_malformed_turns_warn():
     assert ok.warning is None and ok.info["valid_action"] and ok.observation.startswith("README.md\n")
 
 
-def test_truncation_notice():
-    full = _first_env(max_observation_chars=100_000).step("<cmd>find .</cmd>").observation
-    cut = _first_env(max_observation_chars=50).step("<cmd>find .</cmd>").observation
-    kept = full[:50]
-    notice = f"[output truncated: {len(full) - 50} more characters]\n"
-    assert cut == kept + ("" if kept.endswith("\n") else "\n") + notice
-
-
-def test_submit_and_turn_limit():
+def test_submit_ends_the_episode():
     env = _first_env(5)
     win = env.step(f"The answer.\n<cmd>submit  {env.task.answer.upper()} </cmd>")
     assert (win.reward, win.done, win.info["success"], win.observation) == (1.0, True, True, "Correct.\n")
@@ -178,10 +175,18 @@ def test_submit_and_turn_limit():
     env.reset(5)
     lose = env.step("<cmd>submit definitely wrong</cmd>")
     assert (lose.reward, lose.done, lose.info["success"]) == (0.0, True, False)
-    env = _first_env(max_turns=2)
-    assert not env.step("<cmd>ls</cmd>").done
-    last = env.step("<cmd>ls</cmd>")
-    assert last.done and last.reward == 0.0 and last.info["turn"] == 2
+    env = _first_env()
+    for turn in range(1, 21):  # no turn limit of its own: the generator's max_turns ends an episode
+        result = env.step("<cmd>ls</cmd>")
+        assert not result.done and result.info["turn"] == turn
+
+
+def test_cut_turn_gets_its_own_warning():
+    env = _first_env()
+    cut = env.step("Let me count them with <cmd>grep -c ERR", truncated=True)
+    assert cut.warning.startswith("WARNING: reply cut off at the token limit") and not cut.info["valid_action"]
+    whole = env.step("<cmd>pwd</cmd>", truncated=True)  # a complete command in a cut turn still runs
+    assert whole.warning is None and whole.observation == "/home/user\n"
 
 
 def test_answer_matching():

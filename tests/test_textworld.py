@@ -29,7 +29,7 @@ def _walkthrough(path) -> list[str]:
 
 
 def test_walkthrough_wins_with_total_reward_one(game):
-    env = TextWorldEnv(str(game.parent), max_turns=20)
+    env = TextWorldEnv(str(game.parent))
     opening = env.reset(0)
     assert [m["role"] for m in opening] == ["system", "user"]
     assert "$$" not in opening[1]["content"] and "objective" in opening[1]["content"].lower()
@@ -43,16 +43,16 @@ def test_walkthrough_wins_with_total_reward_one(game):
 
 
 def test_command_formats_and_invalid_commands(game):
-    env = TextWorldEnv(str(game), max_turns=3, command_format="cmd")
+    env = TextWorldEnv(str(game), command_format="cmd")
     env.reset(0)
     no_cmd = env.step("go east")
     assert no_cmd.warning == NO_CMD_WARNING and no_cmd.observation == "" and not no_cmd.info["valid_action"]
     nonsense = env.step("I try <cmd>xyzzy</cmd>")
     assert nonsense.warning is None and "not a verb" in nonsense.observation and not nonsense.info["valid_action"]
-    last = env.step("<cmd>look</cmd>")
-    assert last.done and last.info["valid_action"] and last.reward == 0.0  # max_turns reached
-    with pytest.raises(RuntimeError, match="finished episode"):
-        env.step("<cmd>look</cmd>")
+    look = env.step("<cmd>look</cmd>")
+    assert not look.done and look.info["valid_action"] and look.reward == 0.0  # no turn limit of its own
+    cut = env.step("<cmd>go ea", truncated=True)
+    assert cut.warning.startswith("WARNING: reply cut off at the token limit") and cut.observation == ""
 
 
 def test_clean_feedback_strips_prompt_and_status_bar():
@@ -62,7 +62,7 @@ def test_clean_feedback_strips_prompt_and_status_bar():
 def test_generator_plays_textworld(game, tiny_checkpoint):
     tokenizer = models.load_tokenizer(str(tiny_checkpoint))
     model = models.build_model(str(tiny_checkpoint), lora_rank=4)
-    generator = GroupGenerator(lambda: TextWorldEnv(str(game), max_turns=2), tokenizer,
+    generator = GroupGenerator(lambda: TextWorldEnv(str(game)), tokenizer,
                                SamplingSettings(max_new_tokens=6, max_turns=2))
     rollouts, stats = generator.generate_group(model, seed=0, group_size=2)
     assert stats.rollouts == 2 and stats.env_errors == 0

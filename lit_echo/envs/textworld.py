@@ -17,16 +17,16 @@ Tool-call format
 ``command_format="plain"`` (default): the assistant's whole turn, stripped, is the game command (``go east``).
 ``command_format="cmd"``: the command goes inside ``<cmd>...</cmd>`` and free text around it is allowed, as in
 ShellWorld; a turn with no (or several) ``<cmd>`` gets a ``StepResult.warning`` and the game does not advance.
-An empty command gets a warning in both formats. A command TextWorld does not list as admissible in the
-current state is still sent to the game (its reply, e.g. "That's not a verb I recognise.", is the observation)
-and counted with ``info["valid_action"] = False``.
+An empty command gets a warning in both formats (the standard texts of :mod:`lit_echo.envs.actions`). A command
+TextWorld does not list as admissible in the current state is still sent to the game (its reply, e.g. "That's
+not a verb I recognise.", is the observation) and counted with ``info["valid_action"] = False``.
 
 Observations and reward
 -----------------------
 The observation is the game's reply without its trailing prompt and status bar (``>  -= Studio =-0/2``),
-stripped, plus a final newline, cut at ``max_observation_chars`` with a notice. The reward of a step is the
-score it gained divided by the game's maximum score, so an episode that wins collects 1.0 in total.
-The episode ends when the game is won or lost, or after ``max_turns`` assistant turns. ``info`` holds
+stripped, plus a final newline (the generator cuts long ones at its ``max_observation_chars``). The reward of a
+step is the score it gained divided by the game's maximum score, so an episode that wins collects 1.0 in total.
+The episode ends when the game is won or lost (the generator's ``max_turns`` ends it otherwise). ``info`` holds
 ``success`` (won), ``valid_action``, ``score``, ``max_score``, ``turn`` and ``task_type`` (``"textworld"``).
 """
 
@@ -42,20 +42,18 @@ import sys
 from pathlib import Path
 from typing import Any, Literal
 
+from lit_echo.envs.actions import EMPTY_ACTION_WARNING, NO_ACTION_WARNING, extract_action
 from lit_echo.envs.base import StepResult
 
 GAME_SUFFIXES = (".z8", ".ulx")
-EMPTY_COMMAND_WARNING = "WARNING: empty command. Reply with one game command, e.g. go north.\n"
-NO_CMD_WARNING = "WARNING: no command found. Reply with exactly one command inside <cmd></cmd>, e.g. <cmd>look</cmd>.\n"
-MANY_CMD_WARNING = "WARNING: {n} commands found; nothing was done. Reply with exactly one <cmd></cmd>.\n"
-
-_CMD = re.compile(r"<cmd>(.*?)</cmd>", re.DOTALL)
+EMPTY_COMMAND_WARNING = EMPTY_ACTION_WARNING.format(example="go north")
+NO_CMD_WARNING = NO_ACTION_WARNING.format(block="<cmd></cmd>", example="<cmd>look</cmd>")
 _BANNER_LINE = re.compile(r"^[\s$_|\\/<>]*$")  # the intro's ASCII-art title is drawn with these characters only
 _PROMPT_TAIL = re.compile(r"\n>[^\n]*$")  # the input prompt, padded and followed by the status bar
 
 SYSTEM_PROMPT = """You are playing a text adventure game. Each reply is one game command{how}, for example: look, \
 inventory, go north, open chest, take key, unlock door with key, put apple on table. The game's answer comes back \
-as the next message. Reach the objective in at most {max_turns} commands."""
+as the next message. Reach the objective in as few commands as you can."""
 
 
 def _import_textworld():
@@ -99,22 +97,15 @@ class TextWorldEnv:
 
     Args:
         games: game files, a directory or a glob (made by ``tw-make``).
-        max_turns: assistant turns before the episode ends (reward 0 for what was not scored).
         command_format: ``"plain"`` (the turn is the command) or ``"cmd"`` (``<cmd>...</cmd>``).
-        max_observation_chars: longer replies are cut with ``[output truncated: N more characters]``.
     """
 
-    def __init__(self, games: str | list[str], max_turns: int = 20,
-                 command_format: Literal["plain", "cmd"] = "plain", max_observation_chars: int = 2000):
+    def __init__(self, games: str | list[str], command_format: Literal["plain", "cmd"] = "plain"):
         if command_format not in ("plain", "cmd"):
             raise ValueError(f"command_format: expected 'plain' or 'cmd', got {command_format!r}")
-        if max_turns < 1 or max_observation_chars < 1:
-            raise ValueError("max_turns and max_observation_chars must be positive")
         self._textworld = _import_textworld()
         self.games = find_games(games)
-        self.max_turns = max_turns
         self.command_format = command_format
-        self.max_observation_chars = max_observation_chars
         self._env: Any = None
         self._game: Path | None = None
         self._state: Any = None
@@ -133,46 +124,28 @@ class TextWorldEnv:
         self.turn = 0
         self.done = False
         how = " inside <cmd></cmd>" if self.command_format == "cmd" else " and nothing else"
-        return [{"role": "system", "content": SYSTEM_PROMPT.format(how=how, max_turns=self.max_turns)},
+        return [{"role": "system", "content": SYSTEM_PROMPT.format(how=how)},
                 {"role": "user", "content": clean_feedback(self._state.feedback)}]
 
-    def _command(self, action: str) -> tuple[str | None, str | None]:
-        """(command, warning): the command to send, or None and the warning to show instead."""
-        if self.command_format == "cmd":
-            commands = [c.strip() for c in _CMD.findall(action)]
-            if len(commands) > 1:
-                return None, MANY_CMD_WARNING.format(n=len(commands))
-            if not commands:
-                return None, NO_CMD_WARNING
-            action = commands[0]
-        command = action.strip()
-        return (command, None) if command else (None, EMPTY_COMMAND_WARNING)
-
-    def step(self, action: str) -> StepResult:
+    def step(self, action: str, truncated: bool = False) -> StepResult:
+        """Send the turn's command to the game; ``truncated``: the turn was cut at the token limit."""
         if self.done or self._state is None:
             raise RuntimeError("step() called on a finished episode; call reset(seed) first")
         self.turn += 1
-        command, warning = self._command(action)
+        tag, example = ("cmd", "look") if self.command_format == "cmd" else (None, "go north")
+        parsed = extract_action(action, tag, example=example, truncated=truncated)
+        command = parsed.action
         if command is None:
-            return self._result("", warning, gained=0, valid=False)
+            return self._result("", parsed.warning, gained=0, valid=False)
         admissible = set(self._state.admissible_commands or [])
         before = self._state.score
         self._state, _, game_over = self._env.step(command)
         if game_over:
             self.done = True
-        return self._result(self._truncate(clean_feedback(self._state.feedback)), None,
-                            gained=self._state.score - before, valid=command in admissible)
-
-    def _truncate(self, text: str) -> str:
-        if len(text) <= self.max_observation_chars:
-            return text
-        kept = text[: self.max_observation_chars]
-        separator = "" if kept.endswith("\n") else "\n"
-        return f"{kept}{separator}[output truncated: {len(text) - len(kept)} more characters]\n"
+        return self._result(clean_feedback(self._state.feedback), None, gained=self._state.score - before,
+                            valid=command in admissible)
 
     def _result(self, observation: str, warning: str | None, *, gained: float, valid: bool) -> StepResult:
-        if self.turn >= self.max_turns:
-            self.done = True
         max_score = self._state.max_score or 1
         info = {"success": bool(self._state.won), "valid_action": valid, "score": self._state.score,
                 "max_score": max_score, "turn": self.turn, "task_type": "textworld"}

@@ -24,7 +24,6 @@ a run and DDP ranks play different tasks. The group counter is checkpointed: a r
 
 from __future__ import annotations
 
-import importlib
 import logging
 import math
 import os
@@ -37,27 +36,13 @@ from torch.utils.data import DataLoader, IterableDataset
 from lit_echo.advantages import grpo_advantages
 from lit_echo.data.buffer import BufferItem
 from lit_echo.data.datamodule import RolloutDataModule
-from lit_echo.envs.base import Environment
+from lit_echo.envs.base import Environment, import_env_class
 from lit_echo.online.generator import GenerationStats, GroupGenerator, SamplingSettings
 from lit_echo.online.reporting import log_generation
 from lit_echo.online.writer import RolloutWriter
 from lit_echo.rollout import Rollout
 
 log = logging.getLogger(__name__)
-
-
-def import_env_class(path: str) -> type:
-    """The class named by a dotted import path such as ``"lit_echo.envs.shellworld.ShellWorld"``."""
-    module_name, _, name = path.rpartition(".")
-    if not module_name:
-        raise ValueError(f"env_class: expected a dotted import path like 'package.module.Class', got {path!r}")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as err:
-        raise ImportError(f"env_class {path!r}: cannot import module {module_name!r} ({err})") from err
-    if not hasattr(module, name):
-        raise ImportError(f"env_class {path!r}: module {module_name!r} has no attribute {name!r}")
-    return getattr(module, name)
 
 
 class _Stream(IterableDataset):

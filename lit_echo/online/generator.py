@@ -4,7 +4,7 @@ One turn for the whole group::
 
     prompts (left-padded) --HF generate(do_sample, use_cache)--> sampled ids + raw logits per step
         -> cut each row at its end-of-turn id -> RolloutBuilder.add_action(ids, logprobs)  (ACTION, verbatim)
-        -> decode the turn's text -> env.step in worker threads (time limit)
+        -> decode the turn's text -> env.step in worker threads or processes (time limit, return checked)
         -> RolloutBuilder.add_observation(observation, warning)  (OBSERVATION / WARNING)
 
 until every rollout is done (the environment said so, ``max_turns``, ``max_total_tokens``, or an environment
@@ -16,8 +16,9 @@ for ACTION tokens (``EchoModule.temperature``). With ``top_p < 1`` the policy ac
 renormalisation of that distribution; the stored log-prob is the un-truncated one, because that is what the
 trainer can recompute (the same convention as verl and TRL).
 
-Environment errors (``step`` raised, returned garbage, or exceeded ``env_step_timeout_s``) end that rollout with
-reward 0 and the error text as the last tool message. The text is a harness message, not environment behaviour,
+Environment errors (``step`` raised, returned something the contract of :mod:`lit_echo.envs.base` does not allow,
+or exceeded ``env_step_timeout_s``) end that rollout with reward 0, a WARNING in the log and the error text as the
+last tool message. The text is a harness message, not environment behaviour,
 so it is stored as the message's *warning* (``Role.WARNING``, outside the default world-model target) with an
 empty observation body.
 """
@@ -25,16 +26,17 @@ empty observation body.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
 from lit_echo.chat import RolloutBuilder
-from lit_echo.envs.base import Environment, StepResult
-from lit_echo.online.env_runner import StepFailure, step_all
+from lit_echo.envs.base import Environment, StepResult, truncate_observation  # noqa: F401  (re-exported)
+from lit_echo.online.env_runner import FLOAT32_MAX, ProcessEnv, StepFailure, close_quietly, env_name, step_all
 from lit_echo.rollout import Rollout
 
 log = logging.getLogger(__name__)
@@ -55,6 +57,11 @@ class SamplingSettings:
     ``max_observation_chars``: longer observations are cut, with a visible notice that is part of the
         observation (``[observation truncated: N more characters]``).
     ``env_step_timeout_s``: seconds one ``env.step`` may take (None: no limit).
+    ``env_isolation``: ``"thread"`` (default) runs each instance in the trainer's process and each step in a
+        worker thread; a step over the limit cannot be stopped and keeps running in the background (its
+        instance is retired). ``"process"`` runs each instance in its own worker process, built from a picklable
+        ``env_factory`` (:class:`~lit_echo.envs.base.EnvSpec`); a step over the limit gets its process killed
+        and replaced. Use it for environments that can hang (see :mod:`lit_echo.online.env_runner`).
     """
 
     temperature: float = 1.0
@@ -64,6 +71,7 @@ class SamplingSettings:
     max_total_tokens: int = 4096
     max_observation_chars: int = 4000
     env_step_timeout_s: float | None = 30.0
+    env_isolation: Literal["thread", "process"] = "thread"
 
     def __post_init__(self) -> None:
         if not self.temperature > 0:
@@ -75,6 +83,8 @@ class SamplingSettings:
                 raise ValueError(f"{name}: expected >= 1, got {getattr(self, name)}")
         if self.env_step_timeout_s is not None and not self.env_step_timeout_s > 0:
             raise ValueError(f"env_step_timeout_s: expected > 0 or None, got {self.env_step_timeout_s}")
+        if self.env_isolation not in ("thread", "process"):
+            raise ValueError(f"env_isolation: expected 'thread' or 'process', got {self.env_isolation!r}")
 
 
 @dataclass
@@ -126,15 +136,7 @@ class _Episode:
     stop_reason: str | None = None  # None while running
     env_error: str | None = None
     info: dict[str, Any] = field(default_factory=dict)
-
-
-def truncate_observation(text: str, max_chars: int) -> str:
-    """``text`` cut to ``max_chars`` characters plus a notice line saying how much was cut (part of the text)."""
-    if len(text) <= max_chars:
-        return text
-    kept = text[:max_chars]
-    separator = "" if kept.endswith("\n") else "\n"
-    return f"{kept}{separator}[observation truncated: {len(text) - max_chars} more characters]\n"
+    last_turn_truncated: bool = False  # the last turn hit max_new_tokens without its end-of-turn token
 
 
 class GroupGenerator:
@@ -142,12 +144,15 @@ class GroupGenerator:
 
     Args:
         env_factory: makes one fresh environment instance (called G times, and again to replace an instance
-            whose step timed out, since its thread may still be running).
+            whose step timed out). With ``settings.env_isolation="process"`` it must be picklable
+            (:class:`~lit_echo.envs.base.EnvSpec`, an importable class, or ``functools.partial`` of one): each
+            worker process calls it.
         tokenizer: the policy's tokenizer with its chat template (used by :class:`RolloutBuilder`).
         settings: :class:`SamplingSettings`.
 
     The generator keeps its G environment instances between groups; it never keeps a model: pass the current
-    policy to :meth:`generate_group` each time (weights in place, no copy).
+    policy to :meth:`generate_group` each time (weights in place, no copy). :meth:`close` releases the
+    instances (their ``close()``, worker processes); call it when done.
     """
 
     def __init__(self, env_factory: Callable[[], Environment], tokenizer, settings: SamplingSettings | None = None):
@@ -155,6 +160,8 @@ class GroupGenerator:
         self.tokenizer = tokenizer
         self.settings = settings or SamplingSettings()
         self._envs: list[Environment] = []
+        if self.settings.env_isolation == "process":
+            ProcessEnv(env_factory, self.settings.env_step_timeout_s).close()  # fail now if it cannot work
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         if pad is None:
             raise ValueError("the tokenizer has neither a pad nor an eos token; set tokenizer.pad_token")
@@ -175,7 +182,7 @@ class GroupGenerator:
         started = time.perf_counter()
         group_id = group_id if group_id is not None else f"seed-{seed}"
         while len(self._envs) < group_size:
-            self._envs.append(self.env_factory())
+            self._envs.append(self._new_env())
         episodes = []
         for env in self._envs[:group_size]:
             try:
@@ -211,7 +218,7 @@ class GroupGenerator:
             stats.reward_sum += episode.reward
             metadata = {"task": task, "env_seed": seed, "turns": episode.turns, "success": episode.success,
                         "invalid_actions": episode.invalid_actions, "stop_reason": episode.stop_reason,
-                        "env_error": episode.env_error, "env": type(episode.env).__name__}
+                        "env_error": episode.env_error, "env": env_name(episode.env)}
             if "task_type" in episode.info:
                 metadata["task_type"] = episode.info["task_type"]
             rollouts.append(episode.builder.to_rollout(episode.reward, group_id, policy_version=policy_version,
@@ -278,22 +285,41 @@ class GroupGenerator:
                     output_logits=True, return_dict_in_generate=True)
 
     # ------------------------------------------------------------------ environment
+    def _new_env(self) -> Environment:
+        if self.settings.env_isolation == "process":
+            return ProcessEnv(self.env_factory, self.settings.env_step_timeout_s)  # type: ignore[return-value]
+        return self.env_factory()
+
+    def close(self) -> None:
+        """Release every instance: its ``close()`` if it has one (errors logged), and its worker process in
+        process mode. The generator can be used again afterwards (it builds new instances)."""
+        envs, self._envs = self._envs, []
+        close_quietly(envs)
+
     def _step_envs(self, episodes: list[_Episode], stats: GenerationStats) -> None:
         if not episodes:
             return
         actions = [e.builder.messages[-1]["content"] for e in episodes]  # sampled text, end-of-turn excluded
-        results = step_all([e.env for e in episodes], actions, self.settings.env_step_timeout_s)
+        results = step_all([e.env for e in episodes], actions, self.settings.env_step_timeout_s,
+                           truncated=[e.last_turn_truncated for e in episodes],
+                           max_observation_chars=self.settings.max_observation_chars)
         for episode, result in zip(episodes, results):
             if isinstance(result, StepFailure):
                 self._fail(episode, result, stats)
                 continue
-            self._observe(episode, result)
+            self._observe(episode, result, stats)
 
-    def _observe(self, episode: _Episode, result: StepResult) -> None:
-        observation = truncate_observation(result.observation, self.settings.max_observation_chars)
-        episode.builder.add_observation(observation, result.warning)
-        episode.reward += float(result.reward)
-        episode.info = dict(result.info)
+    def _observe(self, episode: _Episode, result: StepResult, stats: GenerationStats) -> None:
+        """Record a step checked by :func:`~lit_echo.online.env_runner.check_step_result` (observation already
+        cut, reward a finite float); a reward sum that leaves float32 range fails the rollout instead."""
+        total = episode.reward + result.reward
+        if abs(total) > FLOAT32_MAX:
+            self._fail(episode, StepFailure(f"[environment error: invalid step result: the rollout's reward sum "
+                                            f"{total:g} is beyond float32 range]"), stats)
+            return
+        episode.builder.add_observation(result.observation, result.warning)
+        episode.reward = total
+        episode.info = result.info
         if result.info.get("valid_action") is False:
             episode.invalid_actions += 1
         if result.info.get("success"):
@@ -302,7 +328,7 @@ class GroupGenerator:
             episode.stop_reason = "done"
 
     def _fail(self, episode: _Episode, failure: StepFailure, stats: GenerationStats) -> None:
-        log.warning("%s (seed %d, turn %d): %s; the rollout ends with reward 0", type(episode.env).__name__,
+        log.warning("%s (seed %d, turn %d): %s; the rollout ends with reward 0", env_name(episode.env),
                     episode.seed, episode.turns, failure.message)
         episode.builder.add_observation("", failure.message)
         episode.reward = 0.0
@@ -312,6 +338,9 @@ class GroupGenerator:
         stats.env_errors += 1
         if failure.timed_out:
             stats.env_timeouts += 1
-            # Its step may still be running in a daemon thread: never touch this instance again.
+        if failure.timed_out or (isinstance(episode.env, ProcessEnv) and not episode.env.alive):
+            # Thread mode: its step may still be running; process mode: its worker was killed (or died). Either
+            # way the instance is retired (closed in the background) and replaced.
             index = next(i for i, env in enumerate(self._envs) if env is episode.env)
-            self._envs[index] = self.env_factory()
+            threading.Thread(target=close_quietly, args=([episode.env],), daemon=True, name="env-retire").start()
+            self._envs[index] = self._new_env()

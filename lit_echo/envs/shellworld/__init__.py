@@ -12,30 +12,33 @@ allowed::
     <cmd>grep -c ERROR logs/api.log</cmd>
 
 The observation (the next ``tool`` message) is the command's terminal text: stderr, then stdout, exactly as
-printed (usually ending in a newline; empty output gives an empty observation). Output longer than
-``max_observation_chars`` is cut and ``[output truncated: N more characters]`` is appended. To answer, reply
+printed (usually ending in a newline; empty output gives an empty observation); the generator cuts long ones at
+its ``max_observation_chars`` with a ``[observation truncated: N more characters]`` line. To answer, reply
 ``<cmd>submit ANSWER</cmd>``: the episode ends with reward 1.0 if the answer is right (observation
 ``Correct.``), else 0.0 (``Incorrect.``). Answers are compared after normalizing whitespace, case, surrounding
 quotes and a final period; numbers by value.
 
 Malformed turns run nothing and return an empty observation with a ``StepResult.warning``
-(``info["valid_action"] = False``); they still use up a turn:
+(``info["valid_action"] = False``, the standard texts of :mod:`lit_echo.envs.actions`); they still use up a turn:
 
 * no ``<cmd>`` (or an empty one): ``WARNING: no command found. Reply with exactly one command inside <cmd></cmd>,
-  e.g. <cmd>ls</cmd>.``
+  e.g. <cmd>ls</cmd>.`` (``WARNING: reply cut off at the token limit ...`` when the generator flags the turn as
+  cut at ``max_new_tokens``);
 * several ``<cmd>`` blocks: rejected as a whole (``WARNING: 2 commands found; nothing was run. ...``), so the model
   learns that one turn is one command;
 * ``<cmd>submit</cmd>`` with no answer: ``WARNING: empty answer. ...``.
 
-After ``max_turns`` assistant turns without a submit the episode ends with reward 0. ``info`` holds ``success``,
-``valid_action``, ``task_type`` and ``turn``.
+The episode has no turn limit of its own: the generator's ``max_turns`` ends it (reward 0 without a submit).
+``info`` holds ``success``, ``valid_action``, ``task_type`` and ``turn``.
 
 Shell
 -----
 ``ls cd pwd cat head tail grep wc find sort uniq cut echo`` with pipes, quotes, globs and ``~``; output mimics GNU
 coreutils under ``LC_ALL=C`` (see :mod:`.file_commands` and :mod:`.text_commands` for the supported options,
 :mod:`.shell` for the syntax). ``grep`` patterns are POSIX basic regular expressions (``-E`` extended, ``-F``
-fixed strings). Unknown commands print ``bash: NAME: command not found``.
+fixed strings), matched by the ``regex`` package under a time limit per command, so no pattern can hang a step
+(``grep: regular expression too slow ...`` instead). Unknown commands print ``bash: NAME: command not found``.
+Parsing a command line takes time linear in its length.
 
 Splits
 ------

@@ -6,15 +6,14 @@ See the package docstring for the tool-call format and the split design.
 from __future__ import annotations
 
 import random
-import re
 from typing import Any
 
+from lit_echo.envs.actions import NO_ACTION_WARNING, extract_action
 from lit_echo.envs.base import StepResult
 from lit_echo.envs.shellworld.filesystem import FileSystem
 from lit_echo.envs.shellworld.generate import HELDOUT_STYLE, TRAIN_STYLE, World, generate_world
 from lit_echo.envs.shellworld.shell import COMMANDS, Shell
-from lit_echo.envs.shellworld.tasks import (HELDOUT_TASK_TYPES, TASK_BUILDERS, TRAIN_TASK_TYPES, Task,
-                                            answer_matches)
+from lit_echo.envs.shellworld.tasks import HELDOUT_TASK_TYPES, TASK_BUILDERS, TRAIN_TASK_TYPES, Task, answer_matches
 
 SPLITS = {
     "train": (TRAIN_STYLE, TRAIN_TASK_TYPES),
@@ -23,13 +22,9 @@ SPLITS = {
 }
 
 HOME = "/home/user"
-NO_COMMAND_WARNING = ("WARNING: no command found. Reply with exactly one command inside <cmd></cmd>, "
-                      "e.g. <cmd>ls</cmd>.\n")
-MANY_COMMANDS_WARNING = ("WARNING: {n} commands found; nothing was run. Reply with exactly one command inside "
-                         "<cmd></cmd> and chain commands with | inside it.\n")
+EXAMPLE_COMMAND = "ls"
+NO_COMMAND_WARNING = NO_ACTION_WARNING.format(block="<cmd></cmd>", example=f"<cmd>{EXAMPLE_COMMAND}</cmd>")
 EMPTY_ANSWER_WARNING = "WARNING: empty answer. Submit with <cmd>submit ANSWER</cmd>.\n"
-
-_CMD = re.compile(r"<cmd>(.*?)</cmd>", re.DOTALL)
 
 SYSTEM_PROMPT = f"""You are working in a Unix shell (bash) in the directory {HOME}. Answer the user's question \
 by running commands.
@@ -37,7 +32,7 @@ by running commands.
 Each reply runs exactly one command, written inside <cmd></cmd>; you may write one short sentence of reasoning \
 before it. The command's output comes back as the next message. Available commands: \
 {", ".join(sorted(COMMANDS))}; combine them with pipes (|). When you know the answer, reply \
-<cmd>submit ANSWER</cmd> (one try; you have at most {{max_turns}} replies).
+<cmd>submit ANSWER</cmd> (one try; replies are limited, so be quick).
 
 Example:
 user: How many lines of notes.txt mention 'disk'?
@@ -51,19 +46,14 @@ class ShellWorld:
     """A simulated shell over a generated tree with one question per episode (reward 1.0 for a correct submit).
 
     ``split``: ``"train"``, ``"heldout_trees"`` or ``"heldout_tasks"`` (see the package docstring).
-    ``max_turns``: assistant turns before the episode ends unanswered (reward 0).
-    ``max_observation_chars``: longer output is cut there and a ``[output truncated: N more characters]`` line
-    is appended (the notice is part of the observation).
+    The episode ends at a submit; the turn limit and the observation length limit are the generator's
+    (``max_turns``, ``max_observation_chars``).
     """
 
-    def __init__(self, split: str = "train", max_turns: int = 8, max_observation_chars: int = 2000):
+    def __init__(self, split: str = "train"):
         if split not in SPLITS:
             raise ValueError(f"split: expected one of {sorted(SPLITS)}, got {split!r}")
-        if max_turns < 1 or max_observation_chars < 1:
-            raise ValueError("max_turns and max_observation_chars must be positive")
         self.split = split
-        self.max_turns = max_turns
-        self.max_observation_chars = max_observation_chars
         self.seed: int | None = None
         self.world: World | None = None
         self.task: Task | None = None
@@ -85,18 +75,19 @@ class ShellWorld:
         self.shell = Shell(FileSystem(self.world.tree, home=HOME))
         self.turn = 0
         self.done = False
-        return [{"role": "system", "content": SYSTEM_PROMPT.format(max_turns=self.max_turns)},
+        return [{"role": "system", "content": SYSTEM_PROMPT},
                 {"role": "user", "content": self.task.question}]
 
-    def step(self, action: str) -> StepResult:
+    def step(self, action: str, truncated: bool = False) -> StepResult:
+        """Run the turn's one ``<cmd>``; ``truncated``: the turn was cut at the token limit (a missing command
+        then gets a warning that says so)."""
         if self.done or self.task is None or self.shell is None:
             raise RuntimeError("step() called on a finished episode; call reset(seed) first")
         self.turn += 1
-        commands = [c.strip() for c in _CMD.findall(action)]
-        if len(commands) != 1 or not commands[0]:
-            warning = NO_COMMAND_WARNING if not any(commands) else MANY_COMMANDS_WARNING.format(n=len(commands))
-            return self._result("", warning, valid=False)
-        command = commands[0]
+        parsed = extract_action(action, "cmd", example=EXAMPLE_COMMAND, truncated=truncated)
+        if parsed.action is None:
+            return self._result("", parsed.warning, valid=False)
+        command = parsed.action
         if command == "submit" or command.startswith(("submit ", "submit\t", "submit\n")):
             answer = command[len("submit"):].strip()
             if not answer:
@@ -104,18 +95,9 @@ class ShellWorld:
             success = answer_matches(answer, self.task.answer)
             self.done = True
             return self._result("Correct.\n" if success else "Incorrect.\n", None, valid=True, success=success)
-        return self._result(self._truncate(self.shell.run(command)), None, valid=True)
-
-    def _truncate(self, text: str) -> str:
-        if len(text) <= self.max_observation_chars:
-            return text
-        kept = text[: self.max_observation_chars]
-        notice = f"[output truncated: {len(text) - len(kept)} more characters]\n"
-        return kept + ("" if kept.endswith("\n") else "\n") + notice
+        return self._result(self.shell.run(command), None, valid=True)
 
     def _result(self, observation: str, warning: str | None, *, valid: bool, success: bool = False) -> StepResult:
-        if self.turn >= self.max_turns:
-            self.done = True
         info: dict[str, Any] = {"success": success, "valid_action": valid, "task_type": self.task.type,
                                 "turn": self.turn}
         return StepResult(observation, warning, reward=1.0 if success else 0.0, done=self.done, info=info)

@@ -9,6 +9,7 @@ what a terminal shows for these short pipelines.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from lit_echo.envs.shellworld import file_commands, text_commands
@@ -23,6 +24,10 @@ COMMANDS: dict[str, Command] = {
 }
 
 _UNSUPPORTED = {";": ";", "&": "&", ">": ">", "<": "<", "`": "`", "\n": "newline"}
+# A run of characters with no meaning to the shell; matched in one step (a single character class: linear).
+_ORDINARY = re.compile(r"[^ \t|'\"\\;&<>`\n$*?\[~]+")
+# Inside double quotes a backslash escapes only these (bash); before anything else it is kept.
+_DOUBLE_QUOTE_ESCAPES = '"\\$`'
 
 
 class ShellSyntaxError(Exception):
@@ -39,25 +44,49 @@ class Word:
     tilde: bool = False
 
 
+def _double_quoted(line: str, start: int) -> tuple[str, int]:
+    """The text of the double-quoted string whose opening quote is at ``start``, and the index past its end."""
+    pieces, i = [], start + 1
+    while True:
+        quote, backslash = line.find('"', i), line.find("\\", i)
+        if quote < 0:
+            raise ShellSyntaxError("bash: unexpected EOF while looking for matching '\"'\n")
+        if backslash < 0 or backslash > quote:
+            pieces.append(line[i:quote])
+            return "".join(pieces), quote + 1
+        pieces.append(line[i:backslash])
+        escaped = line[backslash + 1:backslash + 2]
+        pieces.append(escaped if escaped in _DOUBLE_QUOTE_ESCAPES and escaped else "\\" + escaped)
+        i = backslash + 2
+
+
 def tokenize(line: str) -> list[list[Word]]:
-    """Split a command line into pipeline stages of words; raises :class:`ShellSyntaxError`."""
+    """Split a command line into pipeline stages of words; raises :class:`ShellSyntaxError`.
+
+    Linear in ``len(line)``: each character is looked at a bounded number of times and a word's text is joined
+    once from its pieces.
+    """
     stages: list[list[Word]] = [[]]
-    word: Word | None = None
-    i = 0
-    while i < len(line):
+    pieces: list[str] | None = None  # the current word's text, in pieces; None between words
+    glob = tilde = False
+
+    def end_word() -> None:
+        nonlocal pieces
+        if pieces is not None:
+            stages[-1].append(Word("".join(pieces), glob=glob, tilde=tilde))
+            pieces = None
+
+    i, n = 0, len(line)
+    while i < n:
         c = line[i]
         if c in " \t":
-            if word is not None:
-                stages[-1].append(word)
-                word = None
+            end_word()
             i += 1
             continue
         if c == "|":
             if line.startswith("||", i):
                 raise ShellSyntaxError("bash: '||' is not supported here; only pipes (|) are available\n")
-            if word is not None:
-                stages[-1].append(word)
-                word = None
+            end_word()
             if not stages[-1]:
                 raise ShellSyntaxError("bash: syntax error near unexpected token '|'\n")
             stages.append([])
@@ -66,25 +95,27 @@ def tokenize(line: str) -> list[list[Word]]:
         if c in _UNSUPPORTED or line.startswith("$(", i):
             op = "&&" if line.startswith("&&", i) else _UNSUPPORTED.get(c, "$(")
             raise ShellSyntaxError(f"bash: '{op}' is not supported here; only pipes (|) are available\n")
-        if word is None:
-            word = Word("", tilde=(c == "~"))
-        if c in "'\"":
-            end = line.find(c, i + 1)
+        if pieces is None:
+            pieces, glob, tilde = [], False, c == "~"
+        if c == "'":
+            end = line.find("'", i + 1)
             if end < 0:
-                raise ShellSyntaxError(f"bash: unexpected EOF while looking for matching '{c}'\n")
-            quoted = line[i + 1:end]
-            word.text += quoted if c == "'" else quoted.replace('\\"', '"').replace("\\\\", "\\")
+                raise ShellSyntaxError("bash: unexpected EOF while looking for matching '''\n")
+            pieces.append(line[i + 1:end])
             i = end + 1
-            continue
-        if c == "\\" and i + 1 < len(line):
-            word.text += line[i + 1]
+        elif c == '"':
+            text, i = _double_quoted(line, i)
+            pieces.append(text)
+        elif c == "\\" and i + 1 < n:
+            pieces.append(line[i + 1])
             i += 2
-            continue
-        word.glob |= c in "*?["
-        word.text += c
-        i += 1
-    if word is not None:
-        stages[-1].append(word)
+        else:
+            match = _ORDINARY.match(line, i)
+            end = match.end() if match else i + 1  # a lone special character (* ? [ ~ $ or a final \\)
+            glob |= not match and c in "*?["
+            pieces.append(line[i:end])
+            i = end
+    end_word()
     if not stages[-1]:
         if len(stages) > 1:
             raise ShellSyntaxError("bash: syntax error: unexpected end of file\n")

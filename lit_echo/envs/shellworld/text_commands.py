@@ -7,6 +7,10 @@ Supported options (GNU semantics, ``LC_ALL=C``):
 * ``grep PATTERN [FILE...]``: ``-c -i -v -n -l -o -w -x -r -h -H``; the pattern is a POSIX *basic* regular expression
   (``. * ^ $ [...]``, ``\\( \\) \\| \\+ \\?``), ``-E`` extended, ``-F`` fixed string. Several files (or ``-r``) prefix
   each line with ``name:``; ``-r`` without a path searches ``.`` and names files without ``./``, like GNU grep.
+  Patterns run on the ``regex`` package's engine (it releases the GIL) with a time limit of
+  :data:`GREP_TIME_LIMIT_S` seconds per command, and may be at most :data:`MAX_PATTERN_CHARS` long: a
+  backtracking pattern such as ``(.*)*Z`` prints ``grep: regular expression too slow to match ...`` instead of
+  hanging the step (Python's ``re`` has no time limit and holds the GIL, so nothing could stop it).
 * ``wc``: ``-l -w -c``; counts right-aligned like GNU wc (width 1 for a single count of a single input, else the
   digits of the inputs' total size, at least 7 when reading a pipe), separated by spaces, then the name.
 * ``sort``: ``-n -r -u -k N[,M] -t SEP``; ties broken by whole-line byte order, as GNU sort does.
@@ -16,8 +20,11 @@ Supported options (GNU semantics, ``LC_ALL=C``):
 from __future__ import annotations
 
 import re
+import time
 from functools import cmp_to_key
 from typing import TYPE_CHECKING
+
+import regex
 
 from lit_echo.envs.shellworld.filesystem import PathError
 from lit_echo.envs.shellworld.options import (CommandError, Output, join_lines, numeric_shorthand, parse_count,
@@ -25,6 +32,10 @@ from lit_echo.envs.shellworld.options import (CommandError, Output, join_lines, 
 
 if TYPE_CHECKING:
     from lit_echo.envs.shellworld.shell import Shell
+
+GREP_TIME_LIMIT_S = 2.0  # matching time one grep command may use, over all its lines
+MAX_PATTERN_CHARS = 10_000
+TOO_SLOW = f"grep: regular expression too slow to match (time limit {GREP_TIME_LIMIT_S:g} s)\n"
 
 
 def _with_headers(inputs: list[tuple[str, str]], body, several: bool) -> str:
@@ -68,7 +79,8 @@ def _bracket_end(pattern: str, start: int) -> int:
     if j < len(pattern) and pattern[j] == "]":
         j += 1
     while j < len(pattern) and pattern[j] != "]":
-        j = pattern.index(":]", j) + 2 if pattern.startswith("[:", j) and ":]" in pattern[j:] else j + 1
+        close = pattern.find(":]", j + 2) if pattern.startswith("[:", j) else -1
+        j = close + 2 if close >= 0 else j + 1
     if j >= len(pattern):
         raise CommandError("grep: Unmatched [, [^, [:, [., or [=\n")
     return j + 1
@@ -118,25 +130,39 @@ def grep(shell: "Shell", args: list[str], stdin: str | None) -> Output:
         pattern, operands = operands[0], operands[1:]
     else:
         raise CommandError("Usage: grep [OPTION]... PATTERNS [FILE]...\nTry 'grep --help' for more information.\n")
-    regex = re.escape(pattern) if opts.get("F") else _to_python_regex(pattern, bool(opts.get("E")))
+    if len(pattern) > MAX_PATTERN_CHARS:
+        raise CommandError(f"grep: pattern too long (at most {MAX_PATTERN_CHARS} characters here)\n")
+    source = regex.escape(pattern) if opts.get("F") else _to_python_regex(pattern, bool(opts.get("E")))
     if opts.get("w"):
-        regex = rf"(?<!\w)(?:{regex})(?!\w)"
+        source = rf"(?<!\w)(?:{source})(?!\w)"
     if opts.get("x"):
-        regex = rf"^(?:{regex})$"
+        source = rf"^(?:{source})$"
     try:
-        compiled = re.compile(regex, re.IGNORECASE if opts.get("i") else 0)
-    except re.error:
+        compiled = regex.compile(source, regex.VERSION0 | (regex.IGNORECASE if opts.get("i") else 0))
+    except (regex.error, RecursionError, OverflowError):
         raise CommandError("grep: Invalid regular expression\n") from None
+    deadline = time.monotonic() + GREP_TIME_LIMIT_S
+
+    def left() -> float:
+        return max(deadline - time.monotonic(), 1e-3)
     if opts.get("r"):
         operands = ([name for path in operands for name in _walk_files(shell, path)] if operands
                     else _walk_files(shell, ".", prefix=""))
     inputs, err = read_inputs(shell, operands, stdin, lambda p, r: f"grep: {p}: {r}\n")
     several = (len(operands) > 1 or bool(opts.get("r")) or bool(opts.get("H"))) and not opts.get("h")
+    try:
+        return join_lines(_grep_lines(compiled, inputs, opts, several, left)), err
+    except TimeoutError:
+        raise CommandError(err + TOO_SLOW) from None
+
+
+def _grep_lines(compiled, inputs: list[tuple[str, str]], opts: dict, several: bool, left) -> list[str]:
+    """grep's output lines; each match call gets the command's remaining time (``left()``)."""
     out: list[str] = []
     for name, text in inputs:
         prefix = f"{name or '(standard input)'}:" if several else ""
         hits = [(n, line) for n, line in enumerate(split_lines(text), 1)
-                if bool(compiled.search(line)) != bool(opts.get("v"))]
+                if bool(compiled.search(line, timeout=left(), concurrent=True)) != bool(opts.get("v"))]
         if opts.get("l"):
             out += [name or "(standard input)"] if hits else []
         elif opts.get("c"):
@@ -144,9 +170,10 @@ def grep(shell: "Shell", args: list[str], stdin: str | None) -> Output:
         else:
             for n, line in hits:
                 number = f"{n}:" if opts.get("n") else ""
-                pieces = [m.group(0) for m in compiled.finditer(line) if m.group(0)] if opts.get("o") else [line]
+                pieces = ([m.group(0) for m in compiled.finditer(line, timeout=left(), concurrent=True) if m.group(0)]
+                          if opts.get("o") else [line])
                 out += [prefix + number + piece for piece in pieces]
-    return join_lines(out), err
+    return out
 
 
 def wc(shell: "Shell", args: list[str], stdin: str | None) -> Output:
