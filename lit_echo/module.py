@@ -281,7 +281,10 @@ class EchoModule(L.LightningModule):
             out = echo_loss(logp, mb.target_roles, mb.advantages, mb.old_logprobs, config=cfg, ref_logprobs=ref,
                             world_weights=None if world_weights is None else world_weights[mb.rows],
                             world_select=select, normalizers=normalizers)
-            backward(out.loss, k == len(micro_batches) - 1)
+            loss = out.loss
+            if not loss.requires_grad:  # no target in this micro-batch: a zero gradient keeps DDP's hooks in step
+                loss = loss + sum(p.sum() for _, p in models.trainable_parameters(self.model)) * 0.0
+            backward(loss, k == len(micro_batches) - 1)
             total = total + out.loss.detach()
             mb_sums = metrics_to_sums(out.metrics)
             mb_sums["entropy_action"] = torch.where(mb.target_roles == Role.ACTION, entropy, 0.0).sum()
