@@ -105,8 +105,8 @@ def main() -> None:
         torch.manual_seed(0)
         module = EchoModule(model_path, lora_rank=16, lora_alpha=32, temperature=0.8, world_coef=0.05,
                             micro_batch_size=args.micro_batch_size)
-        data = RolloutDataModule(TINY_DATA if args.tiny else DATA, tokenizer=model_path, batch_size=rollouts, max_length=max_length,
-                                 shuffle=False)
+        data = RolloutDataModule(TINY_DATA if args.tiny else DATA, tokenizer=model_path, batch_size=rollouts,
+                                 max_length=max_length, shuffle=False)
         data.setup("fit")
         batch = next(iter(data.train_dataloader()))
     gen = torch.Generator().manual_seed(1)
@@ -147,8 +147,8 @@ def main() -> None:
     scored = int((roles != Role.CONTEXT).sum())
     print(f"# torch {torch.__version__}, {platform.machine()}, {torch.get_num_threads()} threads, "
           f"avx512_bf16: {'yes' if bf16_is_native() else 'no'}, {'bf16 autocast' if bf16 else 'float32'}")
-    print(f"# {'tiny random Qwen2' if args.tiny else args.model} + LoRA r16; batch {rows} rollouts, padded width {width}, "
-          f"{tokens} real tokens ({tokens / (rows * width):.0%} of the padded batch); head positions: today "
+    print(f"# {'tiny random Qwen2' if args.tiny else args.model} + LoRA r16; batch {rows} rollouts, "
+          f"padded width {width}, {tokens} real tokens ({tokens / (rows * width):.0%} of the padded batch); head positions: today "
           f"{rows * (width - 1)}, new {scored}; micro_batch_size {args.micro_batch_size}; {pairs} pairs after "
           f"{args.warmup} warm-up")
     print(f"today's path: median step {statistics.median(old_times):.3f} s, "

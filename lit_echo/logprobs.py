@@ -7,9 +7,9 @@ the inverse temperature, ``p_t`` the softmax), which is exact and costs one matm
 (LoRA) needs no recomputation at all. When the head itself needs a gradient (full fine-tuning) the backward
 recomputes each chunk's logits once: four head matmuls instead of the naive three, in exchange for memory. Each
 chunk's softmax is computed in place in one float32 buffer, so peak extra memory is about one chunk of logits
-(``chunk_size * V * 4`` bytes) instead of several ``B * T * V`` tensors; the parameter gradients themselves (``V * H``) are the same for every method. Any other head
-module (LoRA-wrapped, quantized) goes through ``torch.utils.checkpoint`` per chunk, which bounds memory the same
-way at the cost of a recomputed forward.
+(``chunk_size * V * 4`` bytes) instead of several ``B * T * V`` tensors; the parameter gradients themselves
+(``V * H``) are the same for every method. Any other head module (LoRA-wrapped, quantized) goes through
+``torch.utils.checkpoint`` per chunk, which bounds memory the same way at the cost of a recomputed forward.
 
 Softmax is always taken in float32, whatever the dtype of ``hidden`` and of the head, and the head runs in the
 ambient autocast dtype when autocast is on (as ``lm_head(hidden)`` would).

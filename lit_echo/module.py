@@ -293,6 +293,8 @@ class EchoModule(L.LightningModule):
         sums["rows"] = torch.tensor(float(batch["input_ids"].shape[0]), device=self.device)
         sums["tokens"] = batch["attention_mask"].sum().float()
         sums["reward"] = batch["rewards"].float().sum()
+        sums["truncated"] = torch.tensor(float(batch["num_truncated"]), device=self.device)
+        sums["skipped"] = torch.tensor(float(batch["num_skipped"]), device=self.device)
         if world_weights is not None:
             sums["paw_weight"] = world_weights.float().sum()
         return total, sums
@@ -354,8 +356,8 @@ class EchoModule(L.LightningModule):
             "world/warning_tokens": m["tokens_warning"],
             "world/coef": world_coef,
             "perf/train_tokens_per_s": m["tokens"] / elapsed,
-            "data/truncated": float(batch["num_truncated"]) * self.trainer.world_size,
-            "data/skipped": float(batch["num_skipped"]) * self.trainer.world_size,
+            "data/truncated": m["truncated"],
+            "data/skipped": m["skipped"],
             "optim/lr": lr,
         }
         if self.loss_config.kl_coef > 0:

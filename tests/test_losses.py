@@ -340,3 +340,17 @@ def test_normalizers_all_reduce_in_a_process_group(tmp_path):
         assert norms.all_reduce() == norms
     finally:
         dist.destroy_process_group()
+
+
+def test_loss_reads_nothing_back_to_the_host():
+    """On the meta device any int()/float()/.item() raises: with step normalizers given, echo_loss and the metric
+    merge run without one (no device-to-host sync per micro-batch on a GPU)."""
+    logp, old, adv, ref, weights, select = (t.to("meta") for t in _batch())
+    roles = ROLES.to("meta")
+    normalizers = LossNormalizers(num_sequences=4, action_tokens=10, world_tokens=9, seq_len=9)
+    out = echo_loss(logp, roles, adv, old, ref_logprobs=ref, world_weights=weights, world_select=select,
+                    normalizers=normalizers, kl_coef=0.1, world_loss="cmae", policy_agg="seq_mean_token_mean")
+    merged = merge_metrics([out.metrics, out.metrics])
+    assert out.loss.device.type == "meta" and all(v.device.type == "meta" for v in merged.values())
+    with pytest.raises(Exception):
+        float(out.metrics["loss"])  # the meta device really refuses host reads
