@@ -148,9 +148,9 @@ def main() -> None:
     print(f"# torch {torch.__version__}, {platform.machine()}, {torch.get_num_threads()} threads, "
           f"avx512_bf16: {'yes' if bf16_is_native() else 'no'}, {'bf16 autocast' if bf16 else 'float32'}")
     print(f"# {'tiny random Qwen2' if args.tiny else args.model} + LoRA r16; batch {rows} rollouts, "
-          f"padded width {width}, {tokens} real tokens ({tokens / (rows * width):.0%} of the padded batch); head positions: today "
-          f"{rows * (width - 1)}, new {scored}; micro_batch_size {args.micro_batch_size}; {pairs} pairs after "
-          f"{args.warmup} warm-up")
+          f"padded width {width}, {tokens} real tokens ({tokens / (rows * width):.0%} of the padded batch); "
+          f"head positions: today {rows * (width - 1)}, new {scored}; micro_batch_size {args.micro_batch_size}; "
+          f"{pairs} pairs after {args.warmup} warm-up")
     print(f"today's path: median step {statistics.median(old_times):.3f} s, "
           f"{tokens / statistics.median(old_times):.0f} training tokens/s")
     print(f"new path:     median step {statistics.median(new_times):.3f} s, "
