@@ -53,11 +53,21 @@ class MicroBatch:
     advantages: torch.Tensor  # [b] or [b, w-1]
 
 
+# Micro-batch widths are rounded up to a multiple of this (never past the batch's width): on a CPU with native bf16,
+# a bf16 step at an odd width (e.g. 369) took 10x longer than at a multiple of 64 (benchmarks/train_step.py).
+WIDTH_MULTIPLE = 64
+
+
+def _round_up(value: int, multiple: int) -> int:
+    return -(-value // multiple) * multiple
+
+
 def length_sorted_micro_batches(batch: dict[str, Any], size: int | None) -> list[MicroBatch]:
     """Split a step's batch into micro-batches of ``size`` rows of similar length (longest first).
 
-    Rows are sorted by length (stable) before the split, and each micro-batch is cut to its own longest row, so
-    short rows no longer pay for the padding of long ones. Right padding only: a row's tokens start at position 0.
+    Rows are sorted by length (stable) before the split, and each micro-batch is cut to its own longest row
+    (rounded up to a multiple of ``WIDTH_MULTIPLE``), so short rows no longer pay for the padding of long ones.
+    Right padding only: a row's tokens start at position 0.
     """
     lengths = batch["attention_mask"].sum(dim=1)  # [B]
     order = torch.sort(lengths, descending=True, stable=True).indices  # [B]
@@ -67,7 +77,7 @@ def length_sorted_micro_batches(batch: dict[str, Any], size: int | None) -> list
     micro_batches = []
     for start in range(0, rows, size):
         idx = order[start:start + size]  # [b]
-        width = max(int(widths[start]), 2)  # >= 1 target position
+        width = min(_round_up(max(int(widths[start]), 2), WIDTH_MULTIPLE), batch["input_ids"].shape[1])
         advantages = batch["advantages"][idx]
         micro_batches.append(MicroBatch(
             rows=idx, input_ids=batch["input_ids"][idx, :width], attention_mask=batch["attention_mask"][idx, :width],
