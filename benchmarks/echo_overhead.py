@@ -3,14 +3,17 @@
 Claim: adding the world-model term costs <= 1.03x the step time of the action-masking baseline, because both use the
 same forward pass and the same per-token log-probs; only the loss reads more tokens.
 
-One training step = forward of a randomly initialised Qwen2 (``lit_echo.tiny.build_tiny_model``), chunked log-probs
-through its (tied, trainable) LM head with the sampling temperature on ACTION targets, ``echo_loss``, backward.
+One training step = forward of a randomly initialised Qwen2 (``lit_echo.tiny.build_tiny_model``), log-probs through
+its (tied, trainable) LM head on the ACTION / OBSERVATION / WARNING targets (``target_logprobs``, as EchoModule does;
+the sampling temperature on ACTION targets), ``echo_loss``, backward. Both settings score the same positions (the
+module logs the world NLL under action masking too), so only the loss differs.
 Both settings train on the same synthetic agent batch (prompt, then turns of ACTION / template / OBSERVATION /
 template tokens, about 60% observation targets) and run interleaved, A B A B ..., after warm-up steps; the printed
 ratio is the median over pairs of (ECHO time / baseline time).
 
     python benchmarks/echo_overhead.py            # hidden 384, 6 layers, vocab 49,152, batch 4 x 256, 10 pairs
     python benchmarks/echo_overhead.py --quick    # batch 2 x 256, 5 pairs
+    python benchmarks/echo_overhead.py --tiny     # hidden 64, 2 layers, vocab 2,048, batch 2 x 128, 2 pairs: seconds
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from lit_echo.logprobs import chunked_logprobs  # noqa: E402
+from lit_echo.logprobs import target_logprobs  # noqa: E402
 from lit_echo.losses import echo_loss  # noqa: E402
 from lit_echo.roles import Role  # noqa: E402
 from lit_echo.tiny import build_tiny_model  # noqa: E402
@@ -51,18 +54,24 @@ def agent_batch(batch: int, length: int, vocab: int, seed: int = 0):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--hidden-size", type=int, default=384)
-    parser.add_argument("--layers", type=int, default=6)
-    parser.add_argument("--vocab", type=int, default=49_152)
-    parser.add_argument("--batch", type=int, default=None, help="default 4 (2 with --quick)")
-    parser.add_argument("--length", type=int, default=256)
-    parser.add_argument("--pairs", type=int, default=None, help="timed ECHO/baseline pairs (default 10, 5 quick)")
-    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--tiny", action="store_true", help="a tiny model and batch: a smoke test in seconds")
+    parser.add_argument("--hidden-size", type=int, default=None, help="default 384 (64 with --tiny)")
+    parser.add_argument("--layers", type=int, default=None, help="default 6 (2 with --tiny)")
+    parser.add_argument("--vocab", type=int, default=None, help="default 49,152 (2,048 with --tiny)")
+    parser.add_argument("--batch", type=int, default=None, help="default 4 (2 with --quick or --tiny)")
+    parser.add_argument("--length", type=int, default=None, help="default 256 (128 with --tiny)")
+    parser.add_argument("--pairs", type=int, default=None,
+                        help="timed ECHO/baseline pairs (default 10, 5 with --quick, 2 with --tiny)")
+    parser.add_argument("--warmup", type=int, default=None, help="default 2 (1 with --tiny)")
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast")
     args = parser.parse_args()
-    batch = args.batch or (2 if args.quick else 4)
-    length = args.length
-    pairs = args.pairs or (5 if args.quick else 10)
+    args.hidden_size = args.hidden_size or (64 if args.tiny else 384)
+    args.layers = args.layers or (2 if args.tiny else 6)
+    args.vocab = args.vocab or (2048 if args.tiny else 49_152)
+    args.warmup = args.warmup if args.warmup is not None else (1 if args.tiny else 2)
+    batch = args.batch or (2 if args.quick or args.tiny else 4)
+    length = args.length or (128 if args.tiny else 256)
+    pairs = args.pairs or (2 if args.tiny else 5 if args.quick else 10)
 
     model = build_tiny_model(args.vocab, hidden_size=args.hidden_size, num_layers=args.layers)
     model.train()
@@ -76,8 +85,7 @@ def main() -> None:
     def logprobs():
         with autocast:
             hidden = model.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # [B, L, H]
-            return chunked_logprobs(hidden[:, :-1], model.lm_head, targets, temperature=0.8,
-                                    temperature_mask=action)  # [B, T]
+            return target_logprobs(hidden[:, :-1], model.lm_head, targets, roles, temperature=0.8)  # [B, T]
 
     with torch.no_grad():
         old_logprobs = logprobs() + 0.05 * torch.randn(targets.shape, generator=torch.Generator().manual_seed(2))

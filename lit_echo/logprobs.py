@@ -7,9 +7,9 @@ the inverse temperature, ``p_t`` the softmax), which is exact and costs one matm
 (LoRA) needs no recomputation at all. When the head itself needs a gradient (full fine-tuning) the backward
 recomputes each chunk's logits once: four head matmuls instead of the naive three, in exchange for memory. Each
 chunk's softmax is computed in place in one float32 buffer, so peak extra memory is about one chunk of logits
-(``chunk_size * V * 4`` bytes) instead of several ``B * T * V`` tensors; the parameter gradients themselves (``V * H``) are the same for every method. Any other head
-module (LoRA-wrapped, quantized) goes through ``torch.utils.checkpoint`` per chunk, which bounds memory the same
-way at the cost of a recomputed forward.
+(``chunk_size * V * 4`` bytes) instead of several ``B * T * V`` tensors; the parameter gradients themselves
+(``V * H``) are the same for every method. Any other head module (LoRA-wrapped, quantized) goes through
+``torch.utils.checkpoint`` per chunk, which bounds memory the same way at the cost of a recomputed forward.
 
 Softmax is always taken in float32, whatever the dtype of ``hidden`` and of the head, and the head runs in the
 ambient autocast dtype when autocast is on (as ``lm_head(hidden)`` would).
@@ -17,6 +17,11 @@ ambient autocast dtype when autocast is on (as ``lm_head(hidden)`` would).
 Temperature (docs/method.md §3.4): positions where ``temperature_mask`` is True (the ACTION targets, sampled at
 that temperature) use ``logits / temperature``; all others (observations) use T = 1. With ``temperature_mask=None``
 the temperature applies everywhere.
+
+``target_logprobs`` runs the head only where the loss reads a log-prob (ACTION, OBSERVATION and WARNING targets):
+the prompt, the chat-template scaffolding and the padding never reach the ``[N, V]`` matmul and softmax.
+``causal_lm_logprobs`` does the whole job for a Hugging Face causal LM and a collated batch (the target shift, the
+action temperature), so :func:`lit_echo.losses.echo_loss` can be used without the LightningModule.
 """
 
 from __future__ import annotations
@@ -25,6 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
+
+from lit_echo.roles import Role
 
 LMHead = nn.Module | torch.Tensor | tuple  # nn.Linear / any module, weight [V, H], or (weight [V, H], bias [V] | None)
 
@@ -79,6 +86,84 @@ def chunked_logprobs(hidden: torch.Tensor, lm_head: LMHead, targets: torch.Tenso
     if return_entropy:
         return logp, entropy.reshape(batch, width)
     return logp
+
+
+def target_logprobs(hidden: torch.Tensor, lm_head: LMHead, targets: torch.Tensor, target_roles: torch.Tensor, *,
+                    temperature: float = 1.0, chunk_size: int | None = None, include_world: bool = True,
+                    return_entropy: bool = False):
+    """Log-probs of the targets the ECHO loss reads; the head runs on those positions only.
+
+    ACTION targets use ``temperature`` (the sampling temperature), OBSERVATION and WARNING targets T = 1, every
+    other position gets 0 and no gradient. Same values and gradients as ``chunked_logprobs`` over all positions
+    with ``temperature_mask=target_roles == Role.ACTION``, read on those positions.
+
+    Args:
+        hidden: [B, T, H] final hidden states at the positions that predict ``targets``.
+        lm_head, chunk_size: as for :func:`chunked_logprobs`.
+        targets: [B, T] target ids; target_roles: [B, T] their ``Role``.
+        include_world: False scores the ACTION targets only (e.g. reference log-probs for the KL term).
+        return_entropy: also return the entropy [B, T] (detached) of the tempered distribution on ACTION targets,
+            0 elsewhere (what PaW's selection and the ``policy/entropy`` metric read).
+    Returns:
+        logprobs [B, T] float32, and entropy [B, T] float32 if asked.
+    """
+    logp = torch.zeros(targets.shape, dtype=torch.float32, device=hidden.device)  # [B, T]
+    entropy = torch.zeros(targets.shape, dtype=torch.float32, device=hidden.device)  # [B, T]
+    action = torch.nonzero(target_roles == Role.ACTION, as_tuple=True)  # ([N_a], [N_a])
+    if action[0].numel():
+        scored = chunked_logprobs(hidden[action][None], lm_head, targets[action][None], temperature=temperature,
+                                  chunk_size=chunk_size, return_entropy=return_entropy)  # [1, N_a]
+        if return_entropy:
+            scored, action_entropy = scored
+            entropy = entropy.index_put(action, action_entropy[0])
+        logp = logp.index_put(action, scored[0])
+    if include_world:
+        world = torch.nonzero((target_roles == Role.OBSERVATION) | (target_roles == Role.WARNING), as_tuple=True)
+        if world[0].numel():
+            scored = chunked_logprobs(hidden[world][None], lm_head, targets[world][None],
+                                      chunk_size=chunk_size)  # [1, N_w]
+            logp = logp.index_put(world, scored[0])
+    return (logp, entropy) if return_entropy else logp
+
+
+def causal_lm_logprobs(model: nn.Module, batch: dict, *, temperature: float = 1.0, chunk_size: int | None = None):
+    """Per-token log-probs and target roles ``[B, T-1]`` of a Hugging Face causal LM on a collated batch.
+
+    Does the two things a plain ``model(...)`` call leaves to you: the shift (position t scores token t + 1, and
+    the roles are those of the *targets*) and the temperature (ACTION tokens at the sampling temperature,
+    everything else at T = 1). Works on a ``transformers`` ``*ForCausalLM`` with or without peft adapters.
+
+    Args:
+        model: a causal LM (``model.model`` / ``get_decoder()`` body and a linear ``lm_head``), peft-wrapped or not.
+        batch: ``input_ids`` [B, T], ``attention_mask`` [B, T] (right padding) and ``roles`` [B, T], e.g. from
+            :class:`lit_echo.data.collate.RolloutCollator`.
+        temperature: the temperature the ACTION tokens were sampled at.
+        chunk_size: positions per LM-head chunk (None: about 64 MiB of float32 logits).
+    Returns:
+        (logprobs [B, T-1] float32, target_roles [B, T-1]): gradient flows through ``logprobs``; positions whose
+        target is not ACTION, OBSERVATION or WARNING hold 0.
+
+    Example (the ECHO loss on a plain Hugging Face model)::
+
+        from lit_echo.advantages import grpo_advantages
+        from lit_echo.data.collate import RolloutCollator
+        from lit_echo.logprobs import causal_lm_logprobs
+        from lit_echo.losses import echo_loss
+
+        batch = RolloutCollator(pad_token_id=tokenizer.pad_token_id)(rollouts)      # token-in/token-out Rollouts
+        advantages = torch.tensor(grpo_advantages(batch["rewards"].tolist(), batch["group_ids"]))  # [B]
+        logprobs, roles = causal_lm_logprobs(model, batch, temperature=0.8)           # [B, T-1] each
+        out = echo_loss(logprobs, roles, advantages, batch["old_logprobs"][:, 1:], world_coef=0.05)
+        out.loss.backward()
+    """
+    from lit_echo.models import hidden_states, output_head
+
+    input_ids = batch["input_ids"]  # [B, T]
+    target_roles = batch["roles"][:, 1:]  # [B, T-1] the role of the token each position predicts
+    hidden = hidden_states(model, input_ids, batch["attention_mask"])[:, :-1]  # [B, T-1, H]
+    logprobs = target_logprobs(hidden, output_head(model), input_ids[:, 1:], target_roles, temperature=temperature,
+                               chunk_size=chunk_size)
+    return logprobs, target_roles
 
 
 def naive_logprobs(hidden: torch.Tensor, lm_head: LMHead, targets: torch.Tensor, *, temperature: float = 1.0,

@@ -6,6 +6,9 @@ Pure torch, no Lightning. Formulas follow docs/method.md §3 and §5 (ECHO, arXi
 
 ``loss = policy_coef * policy + world_coef * world + kl_coef * kl``
 
+Every setting lives in one frozen :class:`LossConfig` (defaults documented there); ``echo_loss`` takes it as
+``config=`` and/or the same settings as keyword arguments (``echo_loss(..., world_coef=0.05)``).
+
 Policy term, on ACTION tokens A_i of sequence i (``rho_t = exp(logp_t - old_t)``):
     ``l_t = -min(rho_t * adv, clip(rho_t, 1 - clip_low, 1 + clip_high) * adv)``, aggregated by ``policy_agg``:
     - ``token_mean``:              sum_{i, t in A_i} l_t / max(sum_i |A_i|, 1)
@@ -52,7 +55,7 @@ the batch given, which is right for a step that is one batch on one device.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from typing import Sequence
 
 import torch
@@ -63,7 +66,83 @@ POLICY_AGGS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum", "seq_m
 WORLD_NORMS = ("full_observation", "selected", "token_mean")
 WORLD_TARGETS = ("env_only", "all")
 WORLD_LOSSES = ("ce", "cmae")
-WORLD_MODES = ("ce", "advantage")
+
+
+@dataclass(frozen=True)
+class PawConfig:
+    """PaW's two additions to the world term (arXiv 2606.02388; the maths is in :mod:`lit_echo.paw`).
+
+    select_fraction  None (default): off. Else alpha in (0, 1]: the world loss trains only on the top fraction of
+                     transitions ranked by the mean entropy of their action tokens (PaW: 0.75).
+    reward_adaptive  False (default). True: each sequence's world term is weighted by its group's
+                     ``1 - mean_reward / max_reward`` (PaW; use ``world_coef=1``, PaW has no extra coefficient).
+    max_reward       R_max of that weight (default 1.0, > 0).
+    """
+
+    select_fraction: float | None = None
+    reward_adaptive: bool = False
+    max_reward: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.select_fraction is not None and not 0.0 < self.select_fraction <= 1.0:
+            raise ValueError(f"paw_select_fraction: expected None or a fraction in (0, 1], got {self.select_fraction}")
+        if not self.max_reward > 0:
+            raise ValueError(f"max_reward: expected R_max > 0, got {self.max_reward}")
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    """Every setting of :func:`echo_loss`; frozen, validated at construction (a ValueError names the setting).
+
+    policy_coef     1.0    weight of the policy term; 0 is ECHO's verifier-free world-model-only mode. >= 0.
+    world_coef      0.05   lambda of the world term (ECHO's value; 0 = the action-masking baseline). >= 0.
+    world_target    "env_only"  OBSERVATION targets; "all" adds the WARNING tokens.
+    world_norm      "full_observation"  per-sequence divisor |O_i| (ECHO, PaW); "selected": |O'_i|;
+                    "token_mean": the step's selected world tokens.
+    policy_agg      "token_mean"  | "seq_mean_token_mean" | "seq_mean_token_sum" | "seq_mean_token_sum_norm".
+    clip_low        0.2    PPO-clip: ratio >= 1 - clip_low (in [0, 1)).
+    clip_high       0.28   PPO-clip: ratio <= 1 + clip_high (>= 0; DAPO's "clip higher", the same default as
+                    EchoModule).
+    world_loss      "ce"   next-token NLL; "cmae": PaW's clipped MAE m * (1 - p), m = 1[p <= cmae_threshold].
+    cmae_threshold  0.2    rho of the clipped MAE, in (0, 1].
+    kl_coef         0.0    weight of the k3 KL to the reference log-probs on ACTION tokens (off at 0). >= 0.
+    paw             PawConfig()  PaW's transition selection and reward-adaptive weights, applied by the caller
+                    (they become ``world_select`` / ``world_weights``); ``echo_loss`` itself does not read them.
+    """
+
+    policy_coef: float = 1.0
+    world_coef: float = 0.05
+    world_target: str = "env_only"
+    world_norm: str = "full_observation"
+    policy_agg: str = "token_mean"
+    clip_low: float = 0.2
+    clip_high: float = 0.28
+    world_loss: str = "ce"
+    cmae_threshold: float = 0.2
+    kl_coef: float = 0.0
+    paw: PawConfig = field(default_factory=PawConfig)
+
+    def __post_init__(self) -> None:
+        _check_choice("world_target", self.world_target, WORLD_TARGETS)
+        _check_choice("world_norm", self.world_norm, WORLD_NORMS)
+        _check_choice("policy_agg", self.policy_agg, POLICY_AGGS)
+        _check_choice("world_loss", self.world_loss, WORLD_LOSSES)
+        for name in ("policy_coef", "world_coef", "kl_coef", "clip_high"):
+            value = getattr(self, name)
+            if not value >= 0:  # also catches NaN
+                raise ValueError(f"{name}: expected a number >= 0, got {value}")
+        if not 0 <= self.clip_low < 1:
+            raise ValueError(f"clip_low: expected a number in [0, 1), got {self.clip_low}")
+        if not 0 < self.cmae_threshold <= 1:
+            raise ValueError(f"cmae_threshold: expected a probability in (0, 1], got {self.cmae_threshold}")
+        if self.paw.select_fraction is not None and self.world_norm == "token_mean":
+            # token_mean divides by the step's count of *selected* tokens, which needs every micro-batch's
+            # entropies before the first backward; PaW itself normalizes per observation (full_observation).
+            raise ValueError("paw_select_fraction needs world_norm 'full_observation' (PaW's) or 'selected', "
+                             "not 'token_mean'")
+
+
+_CONFIG_FIELDS = frozenset(f.name for f in fields(LossConfig))
 
 
 @dataclass(frozen=True)
@@ -141,24 +220,22 @@ def compute_normalizers(roles: torch.Tensor | Sequence[torch.Tensor], *, world_t
 
 @dataclass
 class EchoLossOutput:
-    """``loss`` to backpropagate; ``policy_loss``, ``world_loss``, ``kl`` before their coefficients; floats in
-    ``metrics`` (local to this micro-batch; token counts are included so a caller can re-weight them)."""
+    """``loss`` to backpropagate; ``policy_loss``, ``world_loss``, ``kl`` before their coefficients; ``metrics``:
+    detached 0-dim float32 tensors local to this micro-batch (combine micro-batches with :func:`merge_metrics`;
+    convert to numbers once, at logging)."""
 
     loss: torch.Tensor  # []
     policy_loss: torch.Tensor  # []
     world_loss: torch.Tensor  # []
     kl: torch.Tensor  # []
-    metrics: dict[str, float] = field(default_factory=dict)
+    metrics: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 def echo_loss(logprobs: torch.Tensor, roles: torch.Tensor, advantages: torch.Tensor,
-              old_logprobs: torch.Tensor | None = None, *, policy_coef: float = 1.0, world_coef: float = 0.05,
-              world_target: str = "env_only", world_norm: str = "full_observation",
-              policy_agg: str = "token_mean", clip_low: float = 0.2, clip_high: float = 0.2,
-              world_loss: str = "ce", world_mode: str = "ce", cmae_threshold: float = 0.2,
-              kl_coef: float = 0.0, ref_logprobs: torch.Tensor | None = None,
-              world_weights: torch.Tensor | None = None, world_select: torch.Tensor | None = None,
-              normalizers: LossNormalizers | None = None) -> EchoLossOutput:
+              old_logprobs: torch.Tensor | None = None, *, config: LossConfig | None = None,
+              ref_logprobs: torch.Tensor | None = None, world_weights: torch.Tensor | None = None,
+              world_select: torch.Tensor | None = None, normalizers: LossNormalizers | None = None,
+              **settings) -> EchoLossOutput:
     """ECHO loss of one (micro-)batch; see the module docstring for the formulas and the normalizer contract.
 
     Args:
@@ -167,28 +244,24 @@ def echo_loss(logprobs: torch.Tensor, roles: torch.Tensor, advantages: torch.Ten
         advantages: [B] sequence advantage (broadcast over T) or [B, T] per token.
         old_logprobs: [B, T] sampling log-probs, read on ACTION tokens only. None, or NaN at a position, means
             on-policy there (old = logp.detach(), ratio 1, gradient -adv * grad logp).
-        policy_coef: weight of the policy term; 0 gives ECHO's verifier-free world-model-only mode.
-        world_coef: lambda of the world term; 0 is the action-masking baseline (the world term is then not built).
-        world_target: "env_only" (OBSERVATION) or "all" (OBSERVATION and WARNING).
-        world_norm: "full_observation" | "selected" | "token_mean".
-        policy_agg: "token_mean" | "seq_mean_token_mean" | "seq_mean_token_sum" | "seq_mean_token_sum_norm".
-        clip_low, clip_high: PPO-clip epsilons (ratio clipped to [1 - clip_low, 1 + clip_high]).
-        world_loss: "ce" (next-token NLL) or "cmae" (PaW clipped MAE m * (1 - p), m = 1[p <= cmae_threshold]).
-        world_mode: "ce" computes the world term directly; "advantage" writes it as RL with a constant positive
-            advantage inside the surrogate (ratio exp(logp - logp.detach()) = 1, no clip, per-token weights of
-            ``world_norm``). Same value and same gradient as "ce".
-        cmae_threshold: rho of the clipped MAE.
-        kl_coef, ref_logprobs: k3 KL to reference log-probs [B, T] on ACTION tokens (off unless both are set).
+        config: a :class:`LossConfig` (default: ``LossConfig()``).
+        **settings: :class:`LossConfig` fields overriding ``config`` (e.g. ``world_coef=0.05``).
+        ref_logprobs: [B, T] reference log-probs for the k3 KL on ACTION tokens (used when ``kl_coef > 0``).
         world_weights: [B] per-sequence weight g_i of the world term (PaW's reward-adaptive lambda_g,
-            ``lit_echo.schedules.reward_adaptive_world_weights``; use world_coef=1 for PaW's "no extra coefficient").
+            ``lit_echo.paw.reward_adaptive_world_weights``; use world_coef=1 for PaW's "no extra coefficient").
         world_select: [B, T] bool, False removes a token from the world term only (transition selection,
             rollout filters); the policy term and the |O_i| of ``full_observation`` are untouched.
         normalizers: step-level counts from ``compute_normalizers`` (+ ``all_reduce``); None = this batch alone.
+    Returns:
+        :class:`EchoLossOutput`; its ``metrics`` are detached 0-dim tensors (no host sync inside the loss).
     """
-    _check_choice("policy_agg", policy_agg, POLICY_AGGS)
-    _check_choice("world_norm", world_norm, WORLD_NORMS)
-    _check_choice("world_loss", world_loss, WORLD_LOSSES)
-    _check_choice("world_mode", world_mode, WORLD_MODES)
+    unknown = set(settings) - _CONFIG_FIELDS
+    if unknown:
+        raise TypeError(f"echo_loss: unknown setting(s) {sorted(unknown)}; LossConfig fields are "
+                        f"{sorted(_CONFIG_FIELDS)}")
+    cfg = config or LossConfig()
+    if settings:
+        cfg = replace(cfg, **settings)
     if logprobs.dim() != 2 or roles.shape != logprobs.shape:
         raise ValueError(f"logprobs and roles: expected equal [B, T] shapes, got {tuple(logprobs.shape)} and "
                          f"{tuple(roles.shape)}")
@@ -199,13 +272,14 @@ def echo_loss(logprobs: torch.Tensor, roles: torch.Tensor, advantages: torch.Ten
     observation = roles == Role.OBSERVATION  # [B, T]
     warning = roles == Role.WARNING  # [B, T]
     world_all = observation | warning  # [B, T] O_i
-    selected = world_target_mask(roles, world_target)  # [B, T] O'_i
+    selected = world_target_mask(roles, cfg.world_target)  # [B, T] O'_i
     if world_select is not None:
         selected = selected & world_select.bool()
 
     if normalizers is None:
         normalizers = LossNormalizers(batch, int(action.sum()), int(selected.sum()), width)
-    _check_normalizers(normalizers, batch, width, action, selected)
+    elif _checks_are_cheap(logprobs):
+        _check_normalizers(normalizers, batch, width, action, selected)
     num_sequences = max(normalizers.num_sequences, 1)
 
     # ---- policy term (PPO-clip on ACTION tokens) ----
@@ -220,13 +294,13 @@ def echo_loss(logprobs: torch.Tensor, roles: torch.Tensor, advantages: torch.Ten
         old = torch.where(action & ~torch.isnan(old), old, logp_detached)  # [B, T] NaN -> on-policy there
     log_ratio = torch.where(action, logp - old, 0.0)  # [B, T]
     ratio = torch.exp(log_ratio)  # [B, T]
-    clipped_ratio = ratio.clamp(1.0 - clip_low, 1.0 + clip_high)  # [B, T]
+    clipped_ratio = ratio.clamp(1.0 - cfg.clip_low, 1.0 + cfg.clip_high)  # [B, T]
     per_token_policy = torch.maximum(-ratio * adv, -clipped_ratio * adv)  # [B, T] = -min(rho A, clip(rho) A)
-    policy_weights = _policy_weights(action, policy_agg, normalizers, num_sequences, dtype)  # [B, T]
+    policy_weights = _policy_weights(action, cfg.policy_agg, normalizers, num_sequences, dtype)  # [B, T]
     policy = torch.where(action, policy_weights * per_token_policy, 0.0).sum()  # []
 
     # ---- KL to the reference (k3, ACTION tokens) ----
-    use_kl = kl_coef > 0 and ref_logprobs is not None
+    use_kl = cfg.kl_coef > 0 and ref_logprobs is not None
     if use_kl:
         ref_minus_logp = torch.where(action, ref_logprobs.to(dtype) - logp, 0.0)  # [B, T]
         k3 = torch.exp(ref_minus_logp) - ref_minus_logp - 1.0  # [B, T]
@@ -235,18 +309,19 @@ def echo_loss(logprobs: torch.Tensor, roles: torch.Tensor, advantages: torch.Ten
         kl = logp.new_zeros(())
 
     # ---- world term (OBSERVATION tokens: no ratio, no clip, no KL) ----
-    if world_coef != 0:
-        world = _world_term(logp, selected, world_all, world_norm, world_loss, world_mode, cmae_threshold,
-                            world_weights, normalizers, num_sequences)  # []
+    if cfg.world_coef != 0:
+        world = _world_term(logp, selected, world_all, cfg, world_weights, normalizers, num_sequences)  # []
     else:
         world = logp.new_zeros(())
 
-    total = policy_coef * policy + world_coef * world + (kl_coef * kl if use_kl else 0.0)
+    total = cfg.policy_coef * policy + cfg.world_coef * world + (cfg.kl_coef * kl if use_kl else 0.0)
 
-    metrics = _metrics(logp_detached, ratio.detach(), adv, action, observation, warning, selected, roles,
-                       clip_low, clip_high, policy, world, kl, total, world_coef)
-    if use_kl:
-        metrics["kl_mean"] = _masked_mean(k3.detach(), action)
+    with torch.no_grad():
+        policy_scale = torch.where(action, policy_weights * (ratio * adv).abs(), 0.0).sum()  # []
+        metrics = _metrics(logp_detached, ratio.detach(), log_ratio.detach(), adv, action, observation, warning,
+                           selected, roles, cfg, policy, world, kl, total, policy_scale)
+        if use_kl:
+            metrics["kl_mean"] = _masked_mean(k3.detach(), action)
     return EchoLossOutput(loss=total, policy_loss=policy, world_loss=world, kl=kl, metrics=metrics)
 
 
@@ -264,14 +339,13 @@ def _policy_weights(action: torch.Tensor, policy_agg: str, normalizers: LossNorm
     return action_f / (num_sequences * normalizers.seq_len)  # seq_mean_token_sum_norm
 
 
-def _world_term(logp: torch.Tensor, selected: torch.Tensor, world_all: torch.Tensor, world_norm: str,
-                world_loss: str, world_mode: str, cmae_threshold: float, world_weights: torch.Tensor | None,
-                normalizers: LossNormalizers, num_sequences: int) -> torch.Tensor:
+def _world_term(logp: torch.Tensor, selected: torch.Tensor, world_all: torch.Tensor, cfg: LossConfig,
+                world_weights: torch.Tensor | None, normalizers: LossNormalizers, num_sequences: int) -> torch.Tensor:
     """The world term, a scalar: sum over selected tokens of weight_t * per-token world loss."""
     selected_f = selected.to(logp.dtype)  # [B, T]
-    if world_norm == "full_observation":
+    if cfg.world_norm == "full_observation":
         weights = selected_f / (num_sequences * world_all.to(logp.dtype).sum(dim=1, keepdim=True).clamp_min(1.0))
-    elif world_norm == "selected":
+    elif cfg.world_norm == "selected":
         weights = selected_f / (num_sequences * selected_f.sum(dim=1, keepdim=True).clamp_min(1.0))
     else:  # token_mean
         weights = selected_f / max(normalizers.world_tokens, 1)
@@ -279,62 +353,109 @@ def _world_term(logp: torch.Tensor, selected: torch.Tensor, world_all: torch.Ten
         weights = weights * world_weights.to(logp.dtype).reshape(-1, 1)  # [B, T] * [B, 1]
 
     logp_sel = torch.where(selected, logp, 0.0)  # [B, T] padding may hold -inf/NaN
-    if world_loss == "ce":
+    if cfg.world_loss == "ce":
         per_token = -logp_sel  # [B, T] NLL
-        advantage = torch.ones_like(logp_sel)  # [B, T] d(per_token) = -1 * grad logp
     else:  # cmae: m * (1 - p), m = 1[p <= rho]; its gradient is -m * p * grad logp
         prob = torch.exp(logp_sel)  # [B, T]
-        keep = (prob <= cmae_threshold).detach() & selected  # [B, T]
+        keep = (prob <= cfg.cmae_threshold).detach() & selected  # [B, T]
         per_token = torch.where(keep, 1.0 - prob, 0.0)
-        advantage = torch.where(keep, prob, 0.0).detach()
-
-    if world_mode == "advantage":
-        # RL with a constant positive advantage: -advantage * ratio, ratio = exp(logp - logp.detach()) == 1, no
-        # clip. The detached constant (advantage + per_token) only makes the value read as the world loss.
-        ratio = torch.exp(logp_sel - logp_sel.detach())  # [B, T]
-        per_token = -advantage * ratio + (advantage + per_token).detach()
     return torch.where(selected, weights * per_token, 0.0).sum()
 
 
-def _metrics(logp, ratio, adv, action, observation, warning, selected, roles, clip_low, clip_high, policy,
-             world, kl, total, world_coef) -> dict[str, float]:
-    clip_low_hits = action & (ratio < 1.0 - clip_low) & (adv < 0)  # clip binding: no gradient
-    clip_high_hits = action & (ratio > 1.0 + clip_high) & (adv > 0)
-    n_action = int(action.sum())
-    clipfrac_low = int(clip_low_hits.sum()) / max(n_action, 1)
-    clipfrac_high = int(clip_high_hits.sum()) / max(n_action, 1)
-    policy_value = float(policy.detach())
-    world_value = float(world.detach())
+# Metrics that are means, and the token count each one averages over: micro-batch metrics combine exactly by
+# count-weighted sums (``merge_metrics``). Every other key of ``EchoLossOutput.metrics`` is a sum over tokens or
+# sequences of the step, except ``world_policy_ratio`` (recombined through ``policy_scale``).
+MEAN_METRICS = {
+    "clipfrac_low": "tokens_action", "clipfrac_high": "tokens_action", "clipfrac": "tokens_action",
+    "ratio_mean": "tokens_action", "approx_kl": "tokens_action", "nll_action": "tokens_action",
+    "kl_mean": "tokens_action", "world_nll_observation": "tokens_observation", "world_nll_warning": "tokens_warning",
+}
+
+
+def _metrics(logp, ratio, log_ratio, adv, action, observation, warning, selected, roles, cfg, policy, world, kl,
+             total, policy_scale) -> dict[str, torch.Tensor]:
+    """Detached float32 0-dim tensors; means over an empty set are 0 (1 for ratio_mean): read the counts."""
+    clip_low_hits = action & (ratio < 1.0 - cfg.clip_low) & (adv < 0)  # clip binding: no gradient
+    clip_high_hits = action & (ratio > 1.0 + cfg.clip_high) & (adv > 0)
+    world_value = world.detach().float()
+    weighted_world = (cfg.world_coef * world_value).abs()
     return {
-        "loss": float(total.detach()),
-        "policy_loss": policy_value,
+        "loss": total.detach().float(),
+        "policy_loss": policy.detach().float(),
         "world_loss": world_value,
-        "kl": float(kl.detach()),
-        "clipfrac_low": clipfrac_low,
-        "clipfrac_high": clipfrac_high,
-        "clipfrac": clipfrac_low + clipfrac_high,
+        "kl": kl.detach().float(),
+        "clipfrac_low": _masked_mean(clip_low_hits, action),
+        "clipfrac_high": _masked_mean(clip_high_hits, action),
+        "clipfrac": _masked_mean(clip_low_hits | clip_high_hits, action),
         "ratio_mean": _masked_mean(ratio, action, empty=1.0),
-        "tokens_context": int((roles == Role.CONTEXT).sum()),
-        "tokens_action": n_action,
-        "tokens_observation": int(observation.sum()),
-        "tokens_warning": int(warning.sum()),
-        "tokens_world_selected": int(selected.sum()),
+        # cleanrl's approximate KL(old || new), ((r - 1) - log r), on the sampled ACTION tokens.
+        "approx_kl": _masked_mean((ratio - 1.0) - log_ratio, action),
+        "nll_action": _masked_mean(-logp, action),
+        "tokens_context": _count(roles == Role.CONTEXT),
+        "tokens_action": _count(action),
+        "tokens_observation": _count(observation),
+        "tokens_warning": _count(warning),
+        "tokens_world_selected": _count(selected),
         "world_nll_observation": _masked_mean(-logp, observation),
         "world_nll_warning": _masked_mean(-logp, warning),
-        "world_policy_ratio": abs(world_coef * world_value) / max(abs(policy_value), 1e-8),
+        # The policy term's scale sum_t w_t |rho_t A_t| cannot cancel to ~0 the way the signed policy loss does;
+        # with every advantage 0 it is 0, and the ratio is then defined as 0 (nothing to compare against).
+        "policy_scale": policy_scale.float(),
+        "world_policy_ratio": torch.where(policy_scale > 0, weighted_world / policy_scale.clamp_min(1e-30),
+                                          0.0).float(),
     }
 
 
-def _masked_mean(values: torch.Tensor, mask: torch.Tensor, empty: float = 0.0) -> float:
-    count = int(mask.sum())
-    if count == 0:
-        return empty
-    return float(torch.where(mask, values, 0.0).sum()) / count
+def _count(mask: torch.Tensor) -> torch.Tensor:
+    return mask.sum().float()
+
+
+def _masked_mean(values: torch.Tensor, mask: torch.Tensor, empty: float = 0.0) -> torch.Tensor:
+    """Mean of ``values`` where ``mask`` (float32, 0-dim), ``empty`` when the mask is empty; no host sync."""
+    count = mask.sum()
+    total = torch.where(mask, values.to(torch.float64), 0.0).sum()
+    return torch.where(count > 0, total / count.clamp_min(1), empty).float()
+
+
+def metrics_to_sums(metrics: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Additive form of ``EchoLossOutput.metrics``: means times their counts, the ratio times ``policy_scale``.
+
+    Sums of these over micro-batches (and ranks) give the step's exact metrics through :func:`sums_to_metrics`.
+    """
+    sums = dict(metrics)
+    for name, count in MEAN_METRICS.items():
+        if name in sums:
+            sums[name] = sums[name] * sums[count]
+    sums["world_policy_ratio"] = sums["world_policy_ratio"] * sums["policy_scale"]
+    return sums
+
+
+def sums_to_metrics(sums: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Inverse of :func:`metrics_to_sums` (on summed values): means again, 0 where a count is 0."""
+    metrics = dict(sums)
+    for name, count in MEAN_METRICS.items():
+        if name in metrics:
+            empty = 1.0 if name == "ratio_mean" else 0.0
+            metrics[name] = torch.where(sums[count] > 0, sums[name] / sums[count].clamp_min(1), empty)
+    scale = sums["policy_scale"]
+    metrics["world_policy_ratio"] = torch.where(scale > 0, sums["world_policy_ratio"] / scale.clamp_min(1e-30), 0.0)
+    return metrics
+
+
+def merge_metrics(metrics: Sequence[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """The step's metrics from its micro-batches' ``EchoLossOutput.metrics`` (exact, tensors, no host sync)."""
+    as_sums = [metrics_to_sums(m) for m in metrics]
+    return sums_to_metrics({name: sum(s[name] for s in as_sums) for name in as_sums[0]})
 
 
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
     if value not in choices:
         raise ValueError(f"{name}: expected one of {', '.join(choices)}, got {value!r}")
+
+
+def _checks_are_cheap(tensor: torch.Tensor) -> bool:
+    """The normalizer check reads counts on the host: done on CPU, skipped on an accelerator (a sync per call)."""
+    return tensor.device.type == "cpu"
 
 
 def _check_normalizers(normalizers: LossNormalizers, batch: int, width: int, action: torch.Tensor,

@@ -6,6 +6,11 @@ token counts over the whole step and all ranks, see :mod:`lit_echo.losses`) must
 backward. That is why the module uses Lightning's manual optimization: Trainer's ``accumulate_grad_batches``
 stays 1, and gradient clipping is set here (``gradient_clip_val``) and applied through Lightning's
 ``clip_gradients`` (precision-aware).
+
+No wasted work in a step: the rows are sorted by length before they are cut into micro-batches, and each
+micro-batch is cut to its own longest row (less padding; the loss normalizers are global to the step, so the loss
+and its gradients do not change); the LM head and its softmax run only on the positions whose target is ACTION,
+OBSERVATION or WARNING (:func:`lit_echo.logprobs.target_logprobs`).
 """
 
 from __future__ import annotations
@@ -14,24 +19,86 @@ import contextlib
 import logging
 import math
 import time
-from typing import Any, Literal
+from dataclasses import dataclass, replace
+from typing import Any, Callable, Literal
 
 import lightning as L
 import torch
 
 from lit_echo import models
-from lit_echo.logprobs import CHUNK_ELEMENTS, chunked_logprobs
-from lit_echo.losses import compute_normalizers, echo_loss
+from lit_echo.logprobs import CHUNK_ELEMENTS, target_logprobs
+from lit_echo.losses import LossConfig, PawConfig, compute_normalizers, echo_loss, metrics_to_sums, sums_to_metrics
 from lit_echo.metrics import world_model_sums
+from lit_echo.paw import (group_world_weights, reward_adaptive_world_weights, select_transitions_by_entropy,
+                          transition_ids_from_roles)
 from lit_echo.roles import Role
-from lit_echo.schedules import WorldCoefSchedule, reward_adaptive_world_weights, select_transitions_by_entropy
-from lit_echo.schedules import transition_ids_from_roles
+from lit_echo.schedules import WorldCoefSchedule
 
 log = logging.getLogger(__name__)
 
 
 class NonFiniteLossError(RuntimeError):
     """Raised after ``max_nonfinite_steps`` optimizer steps in a row had a non-finite loss."""
+
+
+@dataclass
+class MicroBatch:
+    """Rows ``rows`` of a step, cut to their longest row; tensors are [b, w] (inputs) and [b, w-1] (targets)."""
+
+    rows: torch.Tensor  # [b] indices into the step's batch
+    input_ids: torch.Tensor  # [b, w]
+    attention_mask: torch.Tensor  # [b, w]
+    target_roles: torch.Tensor  # [b, w-1] role of the token each position predicts
+    old_logprobs: torch.Tensor  # [b, w-1] NaN = unknown
+    advantages: torch.Tensor  # [b] or [b, w-1]
+
+
+# Micro-batch widths are rounded up to a multiple of this (never past the batch's width): on a CPU with native bf16,
+# a bf16 step at an odd width (e.g. 369) took 10x longer than at a multiple of 64 (benchmarks/train_step.py).
+WIDTH_MULTIPLE = 64
+
+
+def _round_up(value: int, multiple: int) -> int:
+    return -(-value // multiple) * multiple
+
+
+def length_sorted_micro_batches(batch: dict[str, Any], size: int | None) -> list[MicroBatch]:
+    """Split a step's batch into micro-batches of ``size`` rows of similar length (longest first).
+
+    Rows are sorted by length (stable) before the split, and each micro-batch is cut to its own longest row
+    (rounded up to a multiple of ``WIDTH_MULTIPLE``), so short rows no longer pay for the padding of long ones.
+    Right padding only: a row's tokens start at position 0.
+    """
+    lengths = batch["attention_mask"].sum(dim=1)  # [B]
+    order = torch.sort(lengths, descending=True, stable=True).indices  # [B]
+    rows = order.shape[0]
+    size = size or rows
+    widths = lengths[order].tolist()  # one host read per step
+    micro_batches = []
+    for start in range(0, rows, size):
+        idx = order[start:start + size]  # [b]
+        width = min(_round_up(max(int(widths[start]), 2), WIDTH_MULTIPLE), batch["input_ids"].shape[1])
+        advantages = batch["advantages"][idx]
+        micro_batches.append(MicroBatch(
+            rows=idx, input_ids=batch["input_ids"][idx, :width], attention_mask=batch["attention_mask"][idx, :width],
+            target_roles=batch["roles"][idx, 1:width], old_logprobs=batch["old_logprobs"][idx, 1:width],
+            advantages=advantages if advantages.dim() == 1 else advantages[:, 1:width]))
+    return micro_batches
+
+
+def _check_range(name: str, value, *, low=None, high=None, low_open=False, high_open=False, none_ok=False) -> None:
+    """ValueError naming the option when ``value`` is outside [low, high] (open ends where asked)."""
+    if value is None and none_ok:
+        return
+    bad = value is None or value != value  # None or NaN
+    if not bad and low is not None:
+        bad = value <= low if low_open else value < low
+    if not bad and high is not None:
+        bad = value >= high if high_open else value > high
+    if bad:
+        interval = f"{'(' if low_open else '['}{low if low is not None else '-inf'}, " \
+                   f"{high if high is not None else 'inf'}{')' if high_open or high is None else ']'}"
+        raise ValueError(f"{name}: expected a value in {interval}{' or None' if none_ok else ''}, got {value!r}")
 
 
 class EchoModule(L.LightningModule):
@@ -49,8 +116,8 @@ class EchoModule(L.LightningModule):
         world_coef: lambda (ECHO 0.05; 0 = action masking). world_schedule "constant" | "linear" | "step" with
             world_final_coef, world_decay_steps, world_gamma, world_step_size.
         policy_coef: 1 normally; 0 = verifier-free world-model-only mode.
-        world_target, world_norm, policy_agg, clip_low, clip_high, world_loss ("ce" | "cmae"), world_mode
-            ("ce" | "advantage"), cmae_threshold, kl_coef (k3 against the same model with adapters disabled).
+        world_target, world_norm, policy_agg, clip_low, clip_high, world_loss ("ce" | "cmae"), cmae_threshold,
+            kl_coef (k3 against the same model with adapters disabled).
         temperature: sampling temperature of the rollouts; applied to ACTION log-probs only, observations use T=1.
         paw_select_fraction: PaW data selection, keep the world loss on the top fraction of transitions by mean
             action entropy (None: off; PaW uses 0.75). Selection runs over each micro-batch.
@@ -87,7 +154,6 @@ class EchoModule(L.LightningModule):
         clip_low: float = 0.2,
         clip_high: float = 0.28,
         world_loss: Literal["ce", "cmae"] = "ce",
-        world_mode: Literal["ce", "advantage"] = "ce",
         cmae_threshold: float = 0.2,
         kl_coef: float = 0.0,
         temperature: float = 1.0,
@@ -106,17 +172,31 @@ class EchoModule(L.LightningModule):
         logprob_chunk_size: int | None = None,
     ):
         super().__init__()
-        if paw_select_fraction is not None and world_norm == "token_mean":
-            # token_mean divides by the step's count of *selected* tokens, which needs every micro-batch's
-            # entropies before the first backward; PaW itself normalizes per observation (full_observation).
-            raise ValueError("paw_select_fraction needs world_norm 'full_observation' (PaW's) or 'selected', "
-                             "not 'token_mean'")
-        self.save_hyperparameters()
-        self.automatic_optimization = False
-        self.strict_loading = False  # checkpoints hold the adapters only; the frozen base comes from the hub/disk
+        # Every setting is checked before the model loads, each error naming its option.
+        self.loss_config = LossConfig(
+            policy_coef=policy_coef, world_coef=world_coef, world_target=world_target, world_norm=world_norm,
+            policy_agg=policy_agg, clip_low=clip_low, clip_high=clip_high, world_loss=world_loss,
+            cmae_threshold=cmae_threshold, kl_coef=kl_coef,
+            paw=PawConfig(select_fraction=paw_select_fraction, reward_adaptive=paw_reward_adaptive,
+                          max_reward=max_reward))
         self.world_coef_at = WorldCoefSchedule(kind=world_schedule, world_coef=world_coef,
                                                final_coef=world_final_coef, decay_steps=world_decay_steps,
                                                gamma=world_gamma, step_size=world_step_size)
+        _check_range("temperature", temperature, low=0, low_open=True)
+        _check_range("lr", lr, low=0, low_open=True)
+        _check_range("weight_decay", weight_decay, low=0)
+        for beta in betas:
+            _check_range("betas", beta, low=0, high=1, high_open=True)
+        _check_range("warmup_steps", warmup_steps, low=0)
+        _check_range("gradient_clip_val", gradient_clip_val, low=0, low_open=True, none_ok=True)
+        _check_range("micro_batch_size", micro_batch_size, low=1, none_ok=True)
+        _check_range("max_nonfinite_steps", max_nonfinite_steps, low=1)
+        _check_range("logprob_chunk_size", logprob_chunk_size, low=1, none_ok=True)
+        _check_range("lora_rank", lora_rank, low=1)
+        _check_range("lora_dropout", lora_dropout, low=0, high=1, high_open=True)
+        self.save_hyperparameters()
+        self.automatic_optimization = False
+        self.strict_loading = False  # checkpoints hold the adapters only; the frozen base comes from the hub/disk
         self.model = models.build_model(model_name_or_path, lora_rank=lora_rank, lora_alpha=lora_alpha,
                                         lora_dropout=lora_dropout, lora_target_modules=lora_target_modules,
                                         quantization=quantization, dtype=dtype,
@@ -127,89 +207,125 @@ class EchoModule(L.LightningModule):
         log.info("%s: %s", model_name_or_path, models.parameter_summary(self.model))
         self.nonfinite_in_a_row = 0
         self.nonfinite_total = 0
+        self._warned_no_targets = False
         self._val_sums: list[torch.Tensor] = []
 
     # ------------------------------------------------------------------ forward pieces
     def token_logprobs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, target_roles: torch.Tensor,
-                       *, return_entropy: bool = False):
-        """Log-probs [B, T-1] of tokens 1..T-1 (ACTION targets at the sampling temperature, others at T=1)."""
+                       *, return_entropy: bool = False, include_world: bool = True):
+        """Log-probs [B, T-1] of tokens 1..T-1 whose role is ACTION (at the sampling temperature), OBSERVATION or
+        WARNING (T=1); 0 elsewhere. The LM head runs on those positions only. Entropy [B, T-1] on ACTION if asked."""
         hidden = models.hidden_states(self.model, input_ids, attention_mask)[:, :-1]  # [B, T-1, H]
-        return chunked_logprobs(hidden, models.output_head(self.model), input_ids[:, 1:],
-                                temperature=self.hparams.temperature,
-                                temperature_mask=target_roles == Role.ACTION,
-                                chunk_size=self.hparams.logprob_chunk_size, return_entropy=return_entropy)
+        return target_logprobs(hidden, models.output_head(self.model), input_ids[:, 1:], target_roles,
+                               temperature=self.hparams.temperature, chunk_size=self.hparams.logprob_chunk_size,
+                               include_world=include_world, return_entropy=return_entropy)
 
     def _world_weights(self, batch: dict[str, Any]) -> torch.Tensor | None:
-        if not self.hparams.paw_reward_adaptive:
+        """[B] PaW reward-adaptive weight of each row's whole group, or None when off."""
+        paw = self.loss_config.paw
+        if not paw.reward_adaptive:
             return None
+        if "group_reward_mean" in batch:  # the data path's mean over the whole group
+            return group_world_weights(batch["group_reward_mean"], paw.max_reward)
+        # Older collators: the group's rows in this batch (exact for online batches, which hold whole groups).
         groups = {g: k for k, g in enumerate(dict.fromkeys(batch["group_ids"]))}
-        group_index = torch.tensor([groups[g] for g in batch["group_ids"]], device=self.device)
-        return reward_adaptive_world_weights(batch["rewards"], group_index, self.hparams.max_reward)
+        group_index = torch.tensor([groups[g] for g in batch["group_ids"]], device=batch["rewards"].device)
+        return reward_adaptive_world_weights(batch["rewards"], group_index, paw.max_reward)
 
     # ------------------------------------------------------------------ training
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
-        h = self.hparams
         started = time.perf_counter()
         opt = self.optimizers()
-        input_ids, attention_mask = batch["input_ids"], batch["attention_mask"]  # [B, T]
-        target_roles = batch["roles"][:, 1:]  # [B, T-1], role of the token each position predicts
-        old = batch["old_logprobs"][:, 1:]  # [B, T-1], NaN = unknown
-        world_weights = self._world_weights(batch)  # [B] or None
-        world_coef = self.world_coef_at(self.global_step)
-        rows = input_ids.shape[0]
-        size = h.micro_batch_size or rows
-        slices = [slice(s, min(s + size, rows)) for s in range(0, rows, size)]
-        # Normalizers over the whole step and every rank, before the first backward (losses.py contract).
-        normalizers = compute_normalizers([target_roles[s] for s in slices], world_target=h.world_target)
-        normalizers = normalizers.all_reduce()
+        lr = opt.param_groups[0]["lr"]  # the rate this step's update uses
+        world_coef = self.world_coef_at(self.global_step)  # the coefficient forward_backward uses
         world_size = self.trainer.world_size
-        loss_kwargs = dict(policy_coef=h.policy_coef, world_coef=world_coef, world_target=h.world_target,
-                           world_norm=h.world_norm, policy_agg=h.policy_agg, clip_low=h.clip_low,
-                           clip_high=h.clip_high, world_loss=h.world_loss, world_mode=h.world_mode,
-                           cmae_threshold=h.cmae_threshold, kl_coef=h.kl_coef)
-        parts: dict[str, list[torch.Tensor]] = {"logp": [], "entropy": [], "ref": [], "select": []}
-        total = torch.zeros((), device=self.device)
-        for k, s in enumerate(slices):
-            roles_mb = target_roles[s]
-            logp, entropy = self.token_logprobs(input_ids[s], attention_mask[s], roles_mb, return_entropy=True)
-            ref = self._reference_logprobs(input_ids[s], attention_mask[s], roles_mb)
-            select = None
-            if h.paw_select_fraction is not None:
-                select = select_transitions_by_entropy(entropy, roles_mb, transition_ids_from_roles(roles_mb),
-                                                       fraction=h.paw_select_fraction)
-            out = echo_loss(logp, roles_mb, batch["advantages"][s], old[s], ref_logprobs=ref,
-                            world_weights=None if world_weights is None else world_weights[s],
-                            world_select=select, normalizers=normalizers, **loss_kwargs)
-            # The sum of micro-batch losses over ranks is the step objective; DDP averages gradients, so scale.
-            with self._no_sync(last=k == len(slices) - 1):
-                self.manual_backward(out.loss * world_size)
-            total = total + out.loss.detach()
-            parts["logp"].append(logp.detach())
-            parts["entropy"].append(entropy)
-            parts["ref"].append(ref)
-            parts["select"].append(select)
 
-        step_loss = self.trainer.strategy.reduce(total, reduce_op="sum")
+        def backward(loss: torch.Tensor, last: bool) -> None:
+            # The sum of micro-batch losses over ranks is the step objective; DDP averages gradients, so scale.
+            with self._no_sync(last=last):
+                self.manual_backward(loss * world_size)
+
+        local_loss, sums = self.forward_backward(batch, backward)
+        step_loss = self.trainer.strategy.reduce(local_loss, reduce_op="sum")
         if not torch.isfinite(step_loss):
             self._skip_nonfinite(opt, step_loss)
         else:
             self.nonfinite_in_a_row = 0
-            if h.gradient_clip_val is not None:
-                self.clip_gradients(opt, gradient_clip_val=h.gradient_clip_val, gradient_clip_algorithm="norm")
+            if self.hparams.gradient_clip_val is not None:
+                self.clip_gradients(opt, gradient_clip_val=self.hparams.gradient_clip_val,
+                                    gradient_clip_algorithm="norm")
             opt.step()
             opt.zero_grad(set_to_none=True)
             scheduler = self.lr_schedulers()
             if scheduler is not None:
                 scheduler.step()
-        self._log_step(batch, parts, target_roles, old, world_weights, normalizers, loss_kwargs, step_loss,
-                       world_coef, started)
+        self._log_step(batch, sums, step_loss, lr, world_coef, started)
         return step_loss
 
+    def forward_backward(self, batch: dict[str, Any], backward: Callable[[torch.Tensor, bool], None]
+                         ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Forward and backward of one optimizer step's batch, micro-batch by micro-batch.
+
+        ``backward(loss, last)`` is called once per micro-batch (``last`` on the final one); the gradients it
+        accumulates are those of the step objective. Returns this rank's step loss (detached) and the step's
+        metrics in additive form (:func:`lit_echo.losses.metrics_to_sums` plus the module's own sums), as tensors.
+        """
+        cfg = replace(self.loss_config, world_coef=self.world_coef_at(self.global_step))
+        world_weights = self._world_weights(batch)  # [B] or None
+        micro_batches = length_sorted_micro_batches(batch, self.hparams.micro_batch_size)
+        # Normalizers over the whole step and every rank, before the first backward (losses.py contract).
+        normalizers = compute_normalizers([mb.target_roles for mb in micro_batches], world_target=cfg.world_target)
+        normalizers = normalizers.all_reduce()
+        self._warn_if_nothing_to_train(normalizers, batch)
+        total = torch.zeros((), device=self.device)
+        sums: dict[str, torch.Tensor] = {}
+        for k, mb in enumerate(micro_batches):
+            logp, entropy = self.token_logprobs(mb.input_ids, mb.attention_mask, mb.target_roles,
+                                                return_entropy=True)  # [b, w-1] each
+            ref = self._reference_logprobs(mb.input_ids, mb.attention_mask, mb.target_roles)
+            select = None
+            if cfg.paw.select_fraction is not None:
+                select = select_transitions_by_entropy(entropy, mb.target_roles,
+                                                       transition_ids_from_roles(mb.target_roles),
+                                                       fraction=cfg.paw.select_fraction)  # [b, w-1]
+            out = echo_loss(logp, mb.target_roles, mb.advantages, mb.old_logprobs, config=cfg, ref_logprobs=ref,
+                            world_weights=None if world_weights is None else world_weights[mb.rows],
+                            world_select=select, normalizers=normalizers)
+            loss = out.loss
+            if not loss.requires_grad:  # no target in this micro-batch: a zero gradient keeps DDP's hooks in step
+                loss = loss + sum(p.sum() for _, p in models.trainable_parameters(self.model)) * 0.0
+            backward(loss, k == len(micro_batches) - 1)
+            total = total + out.loss.detach()
+            mb_sums = metrics_to_sums(out.metrics)
+            mb_sums["entropy_action"] = torch.where(mb.target_roles == Role.ACTION, entropy, 0.0).sum()
+            for name, value in mb_sums.items():
+                sums[name] = sums[name] + value if name in sums else value
+        sums["rows"] = torch.tensor(float(batch["input_ids"].shape[0]), device=self.device)
+        sums["tokens"] = batch["attention_mask"].sum().float()
+        sums["reward"] = batch["rewards"].float().sum()
+        sums["truncated"] = torch.tensor(float(batch["num_truncated"]), device=self.device)
+        sums["skipped"] = torch.tensor(float(batch["num_skipped"]), device=self.device)
+        if world_weights is not None:
+            sums["paw_weight"] = world_weights.float().sum()
+        return total, sums
+
+    def _warn_if_nothing_to_train(self, normalizers, batch) -> None:
+        if normalizers.action_tokens > 0 or normalizers.world_tokens > 0 or self._warned_no_targets:
+            return
+        self._warned_no_targets = True
+        log.warning(
+            "step %d: no row of the batch has an ACTION or %s target token, so this step trains nothing (loss 0). "
+            "Usually the rollouts were cut before the first reply: %d of %d rows were truncated. Raise the data "
+            "module's max_length above the prompt length (or use truncation: drop). This warning is shown once.",
+            self.global_step, "OBSERVATION" if self.loss_config.world_target == "env_only" else "OBSERVATION/WARNING",
+            int(batch.get("num_truncated", 0)), int(batch["input_ids"].shape[0]))
+
     def _reference_logprobs(self, input_ids, attention_mask, roles) -> torch.Tensor | None:
-        if self.hparams.kl_coef <= 0:
+        """KL reference: ACTION log-probs [B, T-1] of the model with its adapters disabled (None when kl_coef=0)."""
+        if self.loss_config.kl_coef <= 0:
             return None
         with torch.no_grad(), models.adapters_disabled(self.model):
-            return self.token_logprobs(input_ids, attention_mask, roles)
+            return self.token_logprobs(input_ids, attention_mask, roles, include_world=False)
 
     def _no_sync(self, last: bool):
         """Skip DDP's gradient all-reduce on all but the last micro-batch of a step."""
@@ -230,64 +346,75 @@ class EchoModule(L.LightningModule):
                 "Lower the learning rate or world_coef, check the data for empty or corrupt rollouts, or raise "
                 "max_nonfinite_steps.")
 
-    def _log_step(self, batch, parts, target_roles, old, world_weights, normalizers, loss_kwargs, step_loss,
-                  world_coef, started) -> None:
-        # Exact step-level metrics: the loss maths again on the detached per-token tensors of the whole step.
-        logp = torch.cat(parts["logp"])  # [B, T-1]
-        entropy = torch.cat(parts["entropy"])  # [B, T-1]
-        ref = None if parts["ref"][0] is None else torch.cat(parts["ref"])
-        select = None if parts["select"][0] is None else torch.cat(parts["select"])
-        with torch.no_grad():
-            out = echo_loss(logp, target_roles, batch["advantages"], old, ref_logprobs=ref,
-                            world_weights=world_weights, world_select=select, normalizers=normalizers,
-                            **loss_kwargs)
-        m = out.metrics
-        action = target_roles == Role.ACTION
-        tokens = batch["attention_mask"].sum()
+    def _log_step(self, batch, sums: dict[str, torch.Tensor], step_loss: torch.Tensor, lr: float,
+                  world_coef: float, started: float) -> None:
+        """Exact step metrics over every micro-batch and rank: one all-reduce and one host transfer per step."""
+        names = list(sums)
+        totals = self.trainer.strategy.reduce(torch.stack([sums[n].float() for n in names]), reduce_op="sum")
+        values = dict(zip(names, totals.unbind()))
+        merged = sums_to_metrics(values)
+        keys = list(merged)
+        m = dict(zip(keys, torch.stack([merged[k].float() for k in keys]).tolist()))
+        elapsed = max(time.perf_counter() - started, 1e-9)
         stats = {
-            "loss/total": step_loss,
-            "loss/policy": out.policy_loss.detach(),
-            "loss/world": out.world_loss.detach(),
-            "world/nll_env": m["world_nll_observation"],
-            "world/nll_warning": m["world_nll_warning"],
-            "world/tokens": float(m["tokens_observation"] + m["tokens_warning"]),
+            "losses/total": float(step_loss),
+            "losses/policy": m["policy_loss"],
+            "losses/world": m["world_loss"],
+            "losses/nonfinite_steps": float(self.nonfinite_total),
+            "policy/action_tokens": m["tokens_action"],
+            "world/observation_tokens": m["tokens_observation"],
+            "world/warning_tokens": m["tokens_warning"],
             "world/coef": world_coef,
-            "policy/clipfrac": m["clipfrac"],
-            "policy/ratio_mean": m["ratio_mean"],
-            "policy/entropy": entropy[action].mean().item() if action.any() else 0.0,
-            # The surrogate's value is -advantage at ratio 1; the NLL of the actions shows imitation progress.
-            "policy/nll_action": -logp[action].mean().item() if action.any() else 0.0,
-            "policy/kl": m.get("kl", 0.0),
-            "reward/mean": batch["rewards"].mean(),
-            "world_policy_ratio": m["world_policy_ratio"],
-            "perf/tokens_per_s": tokens.item() / max(time.perf_counter() - started, 1e-9),
-            "data/truncated": float(batch["num_truncated"]),
-            "data/skipped": float(batch["num_skipped"]),
-            "train/nonfinite_steps": float(self.nonfinite_total),
+            "perf/train_tokens_per_s": m["tokens"] / elapsed,
+            "data/truncated": m["truncated"],
+            "data/skipped": m["skipped"],
+            "optim/lr": lr,
         }
-        if world_weights is not None:
-            stats["world/paw_weight_mean"] = world_weights.mean()
-        self.log_dict(stats, prog_bar=False, on_step=True, on_epoch=False, sync_dist=True,
-                      batch_size=int(batch["input_ids"].shape[0]))
-        self.log("loss", step_loss, prog_bar=True, on_step=True, on_epoch=False, sync_dist=True, logger=False,
-                 batch_size=int(batch["input_ids"].shape[0]))
+        if self.loss_config.kl_coef > 0:
+            stats["losses/kl"] = m["kl"]
+        if m["tokens_action"] > 0:  # means over no token are not logged (the count is)
+            stats.update({"policy/clipfrac": m["clipfrac"], "policy/ratio_mean": m["ratio_mean"],
+                          "policy/approx_kl": m["approx_kl"], "policy/nll_action": m["nll_action"],
+                          "policy/entropy": m["entropy_action"] / m["tokens_action"]})
+        if m["tokens_observation"] > 0:
+            stats["world/nll_observation"] = m["world_nll_observation"]
+        if m["tokens_warning"] > 0:
+            stats["world/nll_warning"] = m["world_nll_warning"]
+        if m["policy_scale"] > 0 and self.loss_config.world_coef > 0:  # undefined when every advantage is 0
+            stats["world/policy_ratio"] = m["world_policy_ratio"]
+        if "paw_weight" in m:
+            stats["world/paw_weight_mean"] = m["paw_weight"] / m["rows"]
+        rows = int(batch["input_ids"].shape[0])
+        self.log_dict(stats, on_step=True, on_epoch=False, sync_dist=False, batch_size=rows)
+        progress = {"reward": m["reward"] / m["rows"]}
+        if "policy/nll_action" in stats:
+            progress["action_nll"] = stats["policy/nll_action"]
+        if "world/nll_observation" in stats:
+            progress["world_nll"] = stats["world/nll_observation"]
+        self.log_dict(progress, prog_bar=True, logger=False, on_step=True, on_epoch=False, sync_dist=False,
+                      batch_size=rows)
 
     # ------------------------------------------------------------------ validation: the world model
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        input_ids = batch["input_ids"]
-        hidden = models.hidden_states(self.model, input_ids, batch["attention_mask"])  # [B, T, H]
+        """World-model NLL and accuracy on OBSERVATION targets, in micro-batches of ``micro_batch_size`` rows."""
+        head = models.output_head(self.model)
         chunk = self.hparams.logprob_chunk_size or CHUNK_ELEMENTS // self.model.config.vocab_size
-        sums = world_model_sums(hidden, models.output_head(self.model), input_ids, batch["roles"], chunk)
-        self._val_sums.append(sums)  # [3]: nll_sum, correct_sum, count
+        for mb in length_sorted_micro_batches(batch, self.hparams.micro_batch_size):
+            hidden = models.hidden_states(self.model, mb.input_ids, mb.attention_mask)  # [b, w, H]
+            roles = batch["roles"][mb.rows, :mb.input_ids.shape[1]]  # [b, w] unshifted
+            self._val_sums.append(world_model_sums(hidden, head, mb.input_ids, roles, chunk))  # [3] nll, correct, n
 
     def on_validation_epoch_end(self) -> None:
         if not self._val_sums:
             return
         sums = self.trainer.strategy.reduce(torch.stack(self._val_sums).sum(0), reduce_op="sum")  # [3]
         self._val_sums.clear()
-        count = sums[2].clamp_min(1.0)
-        self.log_dict({"val/world_nll": (sums[0] / count).float(), "val/world_acc": (sums[1] / count).float()},
-                      prog_bar=True, sync_dist=False)
+        nll_sum, correct_sum, count = sums.tolist()
+        stats = {"val/world/observation_tokens": count}
+        if count > 0:  # no NLL or accuracy over zero tokens: the count says why
+            stats["val/world/nll_observation"] = nll_sum / count
+            stats["val/world/acc_observation"] = correct_sum / count
+        self.log_dict(stats, sync_dist=False)
 
     # ------------------------------------------------------------------ optimisation
     def configure_optimizers(self):

@@ -12,9 +12,10 @@ from lit_echo.cli import run
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
-DOCUMENTED = ["loss/total", "loss/policy", "loss/world", "world/nll_env", "world/nll_warning", "world/tokens",
-              "policy/clipfrac", "policy/ratio_mean", "policy/entropy", "policy/kl", "reward/mean",
-              "world_policy_ratio", "perf/tokens_per_s", "val/world_nll", "val/world_acc"]
+DOCUMENTED = ["losses/total", "losses/policy", "losses/world", "world/nll_observation", "world/nll_warning",
+              "world/observation_tokens", "world/warning_tokens", "policy/clipfrac", "policy/ratio_mean",
+              "policy/approx_kl", "policy/entropy", "policy/nll_action", "world/policy_ratio",
+              "perf/train_tokens_per_s", "optim/lr", "val/world/nll_observation", "val/world/acc_observation"]
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=[c.name for c in CONFIGS])
@@ -39,4 +40,4 @@ def test_tiny_recipe_trains_and_logs_documented_names(tmp_path):
     acc.Reload()
     scalars = acc.Tags()["scalars"]
     assert all(name in scalars for name in DOCUMENTED), set(DOCUMENTED) - set(scalars)
-    assert len(acc.Scalars("loss/total")) == 6 and len(acc.Scalars("val/world_nll")) == 2
+    assert len(acc.Scalars("losses/total")) == 6 and len(acc.Scalars("val/world/nll_observation")) == 2

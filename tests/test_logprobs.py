@@ -136,3 +136,56 @@ def test_peak_memory_is_about_one_chunk():
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         naive_logprobs(hidden, weight, targets)
     assert max(saved) >= 512 * vocab
+
+
+def test_target_logprobs_match_all_positions_on_targets_only():
+    """The head runs on ACTION/OBSERVATION/WARNING targets only: same values and gradients there, 0 elsewhere."""
+    from lit_echo.logprobs import target_logprobs
+    from lit_echo.roles import Role
+
+    hidden, head, targets, _, upstream = _inputs(seed=6)
+    gen = torch.Generator().manual_seed(6)
+    roles = torch.randint(0, 4, (B, T), generator=gen)  # [B, T] every role, CONTEXT included
+    roles[2] = int(Role.CONTEXT)  # a row with no target at all
+    scored = roles != Role.CONTEXT
+    kwargs = dict(temperature=0.7)
+    ref_logp, ref_entropy = chunked_logprobs(hidden, head, targets, temperature_mask=roles == Role.ACTION,
+                                             return_entropy=True, chunk_size=5, **kwargs)
+    (ref_grad,) = torch.autograd.grad((ref_logp * upstream * scored).sum(), hidden)
+    logp, entropy = target_logprobs(hidden, head, targets, roles, chunk_size=5, return_entropy=True, **kwargs)
+    (grad,) = torch.autograd.grad((logp * upstream).sum(), hidden)
+    torch.testing.assert_close(logp, torch.where(scored, ref_logp, 0.0), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(entropy, torch.where(roles == Role.ACTION, ref_entropy, 0.0), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(grad, ref_grad, rtol=1e-6, atol=1e-6)
+    action_only = target_logprobs(hidden, head, targets, roles, include_world=False, **kwargs)
+    torch.testing.assert_close(action_only, torch.where(roles == Role.ACTION, ref_logp, 0.0), rtol=1e-6, atol=1e-6)
+    empty = target_logprobs(hidden, head, targets, torch.zeros_like(roles))
+    assert torch.all(empty == 0)
+
+
+def test_causal_lm_logprobs_of_a_plain_hf_model(tiny_checkpoint):
+    """Shift and action temperature against the model's own full logits, on a real collated batch."""
+    from transformers import AutoModelForCausalLM
+
+    from lit_echo.data.collate import RolloutCollator
+    from lit_echo.logprobs import causal_lm_logprobs
+    from lit_echo.roles import Role
+    from lit_echo.rollout import Rollout
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_checkpoint)
+    gen = torch.Generator().manual_seed(0)
+    rollouts = []
+    for length in (19, 12):
+        ids = torch.randint(3, 500, (length,), generator=gen).tolist()
+        roles = [int(Role.CONTEXT)] * 4 + [int(Role.ACTION)] * 4 + [int(Role.CONTEXT)] * 2 + \
+            [int(Role.OBSERVATION)] * (length - 12) + [int(Role.WARNING)] * 2
+        rollouts.append(Rollout(input_ids=ids, roles=roles[:length], reward=1.0, group_id="g"))
+    batch = RolloutCollator(pad_token_id=0)(rollouts)
+    logp, target_roles = causal_lm_logprobs(model, batch, temperature=0.5)
+    assert torch.equal(target_roles, batch["roles"][:, 1:])
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1].float()
+    scale = torch.where(target_roles == Role.ACTION, 2.0, 1.0)[..., None]  # 1 / temperature on ACTION targets
+    full = torch.log_softmax(logits * scale, -1).gather(-1, batch["input_ids"][:, 1:, None])[..., 0]
+    scored = target_roles != Role.CONTEXT
+    torch.testing.assert_close(logp, torch.where(scored, full, 0.0), rtol=0, atol=1e-5)
+    assert logp.requires_grad and scored.sum() > 10

@@ -8,7 +8,8 @@ import math
 import pytest
 import torch
 
-from lit_echo.losses import (POLICY_AGGS, WORLD_NORMS, LossNormalizers, compute_normalizers, echo_loss)
+from lit_echo.losses import (POLICY_AGGS, WORLD_NORMS, LossConfig, LossNormalizers, PawConfig, compute_normalizers,
+                             echo_loss, merge_metrics)
 from lit_echo.roles import Role
 
 C, A, O, W = int(Role.CONTEXT), int(Role.ACTION), int(Role.OBSERVATION), int(Role.WARNING)
@@ -130,21 +131,21 @@ def test_on_policy_gradient_is_minus_advantage():
     out = echo_loss(logp, ROLES, adv, None, world_coef=0.0, policy_agg="seq_mean_token_sum")
     expected = torch.where(ROLES == A, -adv[:, None] / ROLES.shape[0], 0.0)
     torch.testing.assert_close(_grad(out.loss, logp), expected.to(logp.dtype))
-    assert out.metrics["ratio_mean"] == pytest.approx(1.0)
-    assert out.metrics["clipfrac"] == 0.0
+    assert float(out.metrics["ratio_mean"]) == pytest.approx(1.0)
+    assert float(out.metrics["clipfrac"]) == 0.0 and float(out.metrics["approx_kl"]) == 0.0
 
 
-@pytest.mark.parametrize("world_norm", WORLD_NORMS)
-@pytest.mark.parametrize("world_loss", ["ce", "cmae"])
-def test_advantage_mode_equals_ce_mode(world_norm, world_loss):
-    logp, old, adv, _, weights, select = _batch(seed=3)
-    kwargs = dict(world_coef=0.7, world_norm=world_norm, world_loss=world_loss, world_target="all",
-                  world_weights=weights, world_select=select, cmae_threshold=0.3)
-    direct = echo_loss(logp, ROLES, adv, old, world_mode="ce", **kwargs)
-    as_rl = echo_loss(logp, ROLES, adv, old, world_mode="advantage", **kwargs)
-    torch.testing.assert_close(as_rl.loss, direct.loss)
-    torch.testing.assert_close(_grad(as_rl.world_loss, logp), _grad(direct.world_loss, logp), rtol=0, atol=1e-12)
-    torch.testing.assert_close(_grad(as_rl.loss, logp), _grad(direct.loss, logp), rtol=0, atol=1e-12)
+@pytest.mark.parametrize("world_norm,policy_agg", [("token_mean", "token_mean"),
+                                                  ("full_observation", "seq_mean_token_mean")])
+def test_sft_is_rl_with_a_constant_positive_advantage(world_norm, policy_agg):
+    """The world term (CE) has the gradient of the policy term with advantage 1, on-policy, on the same tokens."""
+    roles = torch.tensor([[C, O, O, O, C], [O, O, C, C, C], [C, O, O, O, O]])
+    logp, *_ = _batch(seed=3, roles=roles)
+    world = echo_loss(logp, roles, torch.zeros(3), policy_coef=0.0, world_coef=1.0, world_norm=world_norm)
+    as_actions = torch.where(roles == O, A, C)
+    as_rl = echo_loss(logp, as_actions, torch.ones(3), None, world_coef=0.0, policy_agg=policy_agg)
+    torch.testing.assert_close(_grad(as_rl.loss, logp), _grad(world.loss, logp), rtol=0, atol=1e-12)
+    assert as_rl.loss.item() == pytest.approx(-1.0)  # -advantage * ratio, ratio 1: only the gradient matches
 
 
 def _trim(t: torch.Tensor, width: int) -> torch.Tensor:
@@ -212,7 +213,7 @@ def test_world_coef_zero_is_action_masking():
     out = echo_loss(logp, ROLES, adv, old, world_coef=0.0)
     grad = _grad(out.loss, logp)
     assert torch.all(grad[ROLES != A] == 0)
-    assert out.world_loss.item() == 0.0 and out.metrics["world_policy_ratio"] == 0.0
+    assert out.world_loss.item() == 0.0 and float(out.metrics["world_policy_ratio"]) == 0.0
 
 
 def test_world_model_only_mode():
@@ -238,7 +239,7 @@ def test_edge_cases_are_finite(case, policy_agg, world_norm):
                     kl_coef=0.1, ref_logprobs=torch.zeros(roles.shape))
     grad = _grad(out.loss, logp)
     assert torch.isfinite(out.loss) and torch.isfinite(grad).all()
-    assert all(math.isfinite(v) for v in out.metrics.values())
+    assert all(math.isfinite(float(v)) for v in out.metrics.values())
     assert torch.all(grad[roles == C] == 0)
     if case in ("no_action", "all_padding"):
         assert out.policy_loss.item() == 0.0 and out.kl.item() == 0.0
@@ -252,17 +253,74 @@ def test_metrics():
     old = logp.clone()
     old[0, 1] -= math.log(2.0)  # ratio 2 -> clipped high with positive advantage
     old[0, 2] += math.log(2.0)  # ratio 0.5 -> below 1 - eps, not binding for a positive advantage
-    out = echo_loss(logp, roles, torch.tensor([1.0]), old, world_coef=0.05)
-    m = out.metrics
+    out = echo_loss(logp, roles, torch.tensor([1.0]), old, world_coef=0.05, clip_high=0.2)
+    assert all(isinstance(v, torch.Tensor) and v.dim() == 0 and not v.requires_grad for v in out.metrics.values())
+    m = {name: float(v) for name, v in out.metrics.items()}
     assert (m["clipfrac_high"], m["clipfrac_low"], m["clipfrac"]) == pytest.approx((1 / 3, 0.0, 1 / 3))
     assert m["ratio_mean"] == pytest.approx((2 + 0.5 + 1) / 3)
+    assert m["approx_kl"] == pytest.approx(((2 - 1 - math.log(2)) + (0.5 - 1 + math.log(2)) + 0) / 3)
+    assert m["nll_action"] == pytest.approx(math.log(2))
     assert (m["tokens_context"], m["tokens_action"], m["tokens_observation"], m["tokens_warning"]) == (1, 3, 2, 2)
     assert m["world_nll_observation"] == pytest.approx((math.log(2) + math.log(4)) / 2)
     assert m["world_nll_warning"] == pytest.approx(math.log(10))  # logged regardless of world_target
-    assert m["world_policy_ratio"] == pytest.approx(abs(0.05 * m["world_loss"]) / abs(m["policy_loss"]))
+    scale = (2 + 0.5 + 1) / 3  # sum_t w_t |rho_t A_t| with token_mean weights 1/3
+    assert m["policy_scale"] == pytest.approx(scale)
+    assert m["world_policy_ratio"] == pytest.approx(0.05 * m["world_loss"] / scale)
     assert "kl_mean" not in m
-    neg = echo_loss(logp, roles, torch.tensor([-1.0]), old)
-    assert (neg.metrics["clipfrac_low"], neg.metrics["clipfrac_high"]) == pytest.approx((1 / 3, 0.0))
+    neg = echo_loss(logp, roles, torch.tensor([-1.0]), old, clip_high=0.2)
+    assert (float(neg.metrics["clipfrac_low"]), float(neg.metrics["clipfrac_high"])) == pytest.approx((1 / 3, 0.0))
+
+
+def test_world_policy_ratio_is_defined_when_every_advantage_is_zero():
+    logp, old, *_ = _batch()
+    out = echo_loss(logp, ROLES, torch.zeros(4), old, world_coef=0.05)
+    assert out.policy_loss.item() == 0.0 and out.world_loss.item() > 0
+    assert float(out.metrics["policy_scale"]) == 0.0 and float(out.metrics["world_policy_ratio"]) == 0.0
+    tiny = echo_loss(logp, ROLES, torch.full((4,), 1e-9), old, world_coef=0.05)  # a near-zero policy term
+    assert float(tiny.metrics["world_policy_ratio"]) == pytest.approx(
+        0.05 * tiny.world_loss.item() / float(tiny.metrics["policy_scale"]), rel=1e-5)
+
+
+def test_merged_micro_batch_metrics_equal_whole_batch_metrics():
+    roles = torch.cat([ROLES, ROLES.flip(0)])  # [8, 9]
+    logp, old, adv, ref, weights, select = _batch(seed=5, roles=roles)
+    kwargs = dict(world_coef=0.2, kl_coef=0.1, ref_logprobs=ref)
+    whole = echo_loss(logp, roles, adv, old, **kwargs).metrics
+    normalizers = compute_normalizers([roles[:3], roles[3:]])
+    parts = [echo_loss(logp[s], roles[s], adv[s], old[s], normalizers=normalizers, world_coef=0.2, kl_coef=0.1,
+                       ref_logprobs=ref[s]).metrics for s in (slice(0, 3), slice(3, 8))]
+    merged = merge_metrics(parts)
+    assert merged.keys() == whole.keys()
+    for name in whole:
+        torch.testing.assert_close(merged[name], whole[name], rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_config_rejects_nonsense_naming_the_option():
+    for bad, name in [(dict(world_coef=-0.1), "world_coef"), (dict(policy_coef=-1.0), "policy_coef"),
+                      (dict(kl_coef=-0.01), "kl_coef"), (dict(clip_low=1.5), "clip_low"),
+                      (dict(clip_high=-0.2), "clip_high"), (dict(cmae_threshold=0.0), "cmae_threshold"),
+                      (dict(world_coef=math.nan), "world_coef"), (dict(world_norm="mean"), "world_norm"),
+                      (dict(paw=PawConfig(select_fraction=0.75), world_norm="token_mean"), "paw_select_fraction")]:
+        with pytest.raises(ValueError, match=name):
+            LossConfig(**bad)
+    with pytest.raises(ValueError, match="paw_select_fraction"):
+        PawConfig(select_fraction=1.5)
+    with pytest.raises(ValueError, match="max_reward"):
+        PawConfig(max_reward=0.0)
+    with pytest.raises(TypeError, match="world_mode"):
+        echo_loss(*_batch()[:1], ROLES, torch.zeros(4), world_mode="advantage")
+
+
+def test_config_and_keyword_settings_agree():
+    logp, old, adv, *_ = _batch()
+    config = LossConfig(world_coef=0.3, policy_agg="seq_mean_token_sum", clip_high=0.1)
+    a = echo_loss(logp, ROLES, adv, old, config=config)
+    b = echo_loss(logp, ROLES, adv, old, world_coef=0.3, policy_agg="seq_mean_token_sum", clip_high=0.1)
+    c = echo_loss(logp, ROLES, adv, old, config=LossConfig(world_coef=0.3), policy_agg="seq_mean_token_sum",
+                  clip_high=0.1)
+    torch.testing.assert_close(a.loss, b.loss)
+    torch.testing.assert_close(a.loss, c.loss)
+    assert LossConfig().clip_high == 0.28
 
 
 def test_bf16_logprobs_give_float32_loss():
@@ -282,3 +340,17 @@ def test_normalizers_all_reduce_in_a_process_group(tmp_path):
         assert norms.all_reduce() == norms
     finally:
         dist.destroy_process_group()
+
+
+def test_loss_reads_nothing_back_to_the_host():
+    """On the meta device any int()/float()/.item() raises: with step normalizers given, echo_loss and the metric
+    merge run without one (no device-to-host sync per micro-batch on a GPU)."""
+    logp, old, adv, ref, weights, select = (t.to("meta") for t in _batch())
+    roles = ROLES.to("meta")
+    normalizers = LossNormalizers(num_sequences=4, action_tokens=10, world_tokens=9, seq_len=9)
+    out = echo_loss(logp, roles, adv, old, ref_logprobs=ref, world_weights=weights, world_select=select,
+                    normalizers=normalizers, kl_coef=0.1, world_loss="cmae", policy_agg="seq_mean_token_mean")
+    merged = merge_metrics([out.metrics, out.metrics])
+    assert out.loss.device.type == "meta" and all(v.device.type == "meta" for v in merged.values())
+    with pytest.raises(Exception):
+        float(out.metrics["loss"])  # the meta device really refuses host reads

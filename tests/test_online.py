@@ -106,7 +106,7 @@ def test_online_fit_writes_every_rollout_and_restart_appends(tiny_checkpoint, tm
 
     scalars = _scalars(tmp_path / "tb")
     for name in ("rollout/success_rate", "rollout/turns_mean", "rollout/invalid_action_rate", "rollout/env_errors",
-                 "perf/rollouts_per_s", "perf/gen_tokens_per_s", "loss/world"):
+                 "perf/rollouts_per_s", "perf/gen_tokens_per_s", "losses/world"):
         assert scalars.get(name), name
     samples = [tag for tag in scalars if tag.startswith("rollouts/sample_")]
     assert samples, "sample rollouts are logged as TensorBoard text"

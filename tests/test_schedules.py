@@ -1,4 +1,5 @@
-"""world_coef schedules, PaW reward-adaptive weights and PaW entropy-based transition selection."""
+"""world_coef schedules (lit_echo.schedules), PaW reward-adaptive weights and entropy-based transition selection
+(lit_echo.paw)."""
 
 from __future__ import annotations
 
@@ -6,8 +7,9 @@ import pytest
 import torch
 
 from lit_echo.roles import Role
-from lit_echo.schedules import (WorldCoefSchedule, linear_decay_coef, reward_adaptive_world_weights,
-                                select_transitions_by_entropy, step_decay_coef, transition_ids_from_roles)
+from lit_echo.paw import (group_world_weights, reward_adaptive_world_weights, select_transitions_by_entropy,
+                          transition_ids_from_roles)
+from lit_echo.schedules import WorldCoefSchedule, linear_decay_coef, step_decay_coef
 
 C, A, O, W = int(Role.CONTEXT), int(Role.ACTION), int(Role.OBSERVATION), int(Role.WARNING)
 
@@ -22,6 +24,10 @@ def test_constant_linear_and_step_schedules():
     assert step_decay_coef(30, world_coef=1.0, gamma=0.1, step_size=10) == pytest.approx(1e-3)
     with pytest.raises(ValueError, match="kind"):
         WorldCoefSchedule(kind="cosine")
+    with pytest.raises(ValueError, match="world_coef"):
+        WorldCoefSchedule(world_coef=-0.05)
+    with pytest.raises(ValueError, match="world_gamma"):
+        WorldCoefSchedule(kind="step", gamma=0.0)
 
 
 def test_reward_adaptive_weight_by_hand():
@@ -33,6 +39,16 @@ def test_reward_adaptive_weight_by_hand():
     torch.testing.assert_close(weights, torch.tensor(expected))
     with pytest.raises(ValueError, match="R_max"):
         reward_adaptive_world_weights(rewards, groups, max_reward=0.0)
+
+
+def test_group_world_weights_use_the_whole_group_mean():
+    """A shuffled offline batch holds part of a group: the weight must come from the whole group's mean."""
+    partial_rows_rewards = torch.tensor([1.0, 1.0])  # two successes of a group of 8 with mean 0.25
+    in_batch = reward_adaptive_world_weights(partial_rows_rewards, torch.tensor([0, 0]), max_reward=1.0)
+    whole = group_world_weights(torch.tensor([0.25, 0.25]), max_reward=1.0)
+    assert in_batch.tolist() == [0.0, 0.0] and whole.tolist() == [0.75, 0.75]
+    with pytest.raises(ValueError, match="R_max"):
+        group_world_weights(torch.tensor([0.5]), max_reward=-1.0)
 
 
 def test_transition_ids_from_roles():
