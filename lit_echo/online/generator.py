@@ -102,7 +102,7 @@ class GenerationStats:
     """Counts over one or more generated groups (summable with ``+=``).
 
     ``prefill_tokens``: positions run through multi-token forwards (prompt prefill; padding included, since it is
-    computed too). ``prefill_s``, ``decode_s``, ``env_s``: seconds spent prefilling, decoding (forwards of one
+    computed too); ``decode_tokens``: positions run through one-token-per-row decode forwards. ``prefill_s``, ``decode_s``, ``env_s``: seconds spent prefilling, decoding (forwards of one
     token per row plus sampling), and in environment steps; ``seconds`` is the whole generation.
     """
 
@@ -114,6 +114,7 @@ class GenerationStats:
     env_timeouts: int = 0
     sampled_tokens: int = 0
     prefill_tokens: int = 0
+    decode_tokens: int = 0
     reward_sum: float = 0.0
     seconds: float = 0.0
     prefill_s: float = 0.0
@@ -381,6 +382,7 @@ class GroupGenerator:
             if not any(active):
                 break
             logits = cached.batch.step(ids, active)
+            stats.decode_tokens += len(episodes)
         stats.decode_s += time.perf_counter() - decoding
         return sampled, logprobs, budgets
 
@@ -409,6 +411,7 @@ class GroupGenerator:
             .gather(1, sampled[:, s:s + 1].to(step_logits.device)).squeeze(1).cpu()
             for s, step_logits in enumerate(out.logits)], dim=1)  # [n, S]
         stats.prefill_tokens += len(prompts) * width
+        stats.decode_tokens += len(prompts) * max(sampled.shape[1] - 1, 0)
         stats.prefill_s += prefill.seconds
         stats.decode_s += time.perf_counter() - started - prefill.seconds
         return sampled.tolist(), logprobs.tolist(), budgets
