@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> None:
     tokenizer = models.load_tokenizer(args.model)
     settings = SamplingSettings(temperature=args.temperature, max_new_tokens=args.max_new_tokens,
                                 max_turns=args.max_turns)
-    generator = GroupGenerator(lambda: ShellWorld("train", max_turns=args.max_turns), tokenizer, settings)
+    generator = GroupGenerator(lambda: ShellWorld("train"), tokenizer, settings)
     _run(generator, model, seed=10_000, group_size=2, batched=True)  # warm-up: kernels, allocator, caches
 
     totals = {True: GenerationStats(), False: GenerationStats()}

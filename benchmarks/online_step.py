@@ -19,6 +19,7 @@ measured in the same run. Then the ratios (today / KV cache).
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import statistics
 import time
@@ -68,7 +69,7 @@ def linear_parameters(model) -> tuple[int, int]:
 class _Steps(IterableDataset):
     """Endless batches, each one freshly generated group; the arm alternates ABBA..."""
 
-    def __init__(self, bench: "Bench"):
+    def __init__(self, bench: Bench):
         self.bench = bench
 
     def __iter__(self):
@@ -124,7 +125,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
                         help="auto: bf16 autocast where the CPU computes bf16 natively, else float32")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
+    parser.add_argument("--quiet", action="store_true", help="no per-turn generation progress lines")
     args = parser.parse_args(argv)
+    if not args.quiet:  # the generator's per-turn progress (turn k of N, rollouts finished, tokens/s)
+        logging.basicConfig(format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+        logging.getLogger("lit_echo.online.generator").setLevel(logging.INFO)
     if args.tiny:
         args.model, args.group_size, args.max_turns, args.max_new_tokens, args.pairs = "tiny-random", 4, 2, 8, 1
     if args.threads is not None:
@@ -187,8 +192,8 @@ def main(argv: list[str] | None = None) -> None:
         gen_flops = 2 * body * (s.prefill_tokens + s.decode_tokens) + 2 * head * s.decode_tokens
         train_flops = 4 * (body + head) * arm.train_tokens
         flops_fraction = (gen_flops + train_flops) / max(s.seconds + train, 1e-9) / peak
-        per_step[name] = dict(gen=s.seconds / n, prefill=s.prefill_s / n, step=(s.seconds + train) / n,
-                              prefill_per_sampled=s.prefill_tokens / max(s.sampled_tokens, 1))
+        per_step[name] = {"gen": s.seconds / n, "prefill": s.prefill_s / n, "step": (s.seconds + train) / n,
+                          "prefill_per_sampled": s.prefill_tokens / max(s.sampled_tokens, 1)}
         print(f"{name:9s} {s.prefill_s / n:9.2f} {s.decode_s / n:9.2f} {s.env_s / n:7.2f} {s.seconds / n:7.2f} "
               f"{train / n:8.2f} {(s.seconds + train) / n:7.2f} {s.prefill_tokens / n:11.0f} "
               f"{s.sampled_tokens / n:8.0f} {per_step[name]['prefill_per_sampled']:15.2f} "

@@ -188,7 +188,7 @@ class _PrefillTimer:
             self.seconds += time.perf_counter() - self._started
             self._started = None
 
-    def __enter__(self) -> "_PrefillTimer":
+    def __enter__(self) -> _PrefillTimer:
         self._handles = [self.module.register_forward_pre_hook(self._before, with_kwargs=True),
                          self.module.register_forward_hook(self._after, with_kwargs=True)]
         return self
