@@ -67,16 +67,15 @@ def linear_parameters(model) -> tuple[int, int]:
 
 
 class _Steps(IterableDataset):
-    """Endless batches, each one freshly generated group; the arm alternates ABBA..."""
+    """``steps`` batches, each one freshly generated group; the arm alternates ABBA... (finite, so Lightning's
+    look-ahead fetch does not generate a batch nobody trains on)."""
 
-    def __init__(self, bench: Bench):
-        self.bench = bench
+    def __init__(self, bench: Bench, steps: int):
+        self.bench, self.steps = bench, steps
 
     def __iter__(self):
-        step = 0
-        while True:
+        for step in range(self.steps):
             yield self.bench.generate(step)
-            step += 1
 
 
 class Bench:
@@ -89,6 +88,9 @@ class Bench:
                 temperature=args.temperature, max_new_tokens=args.max_new_tokens, max_turns=args.max_turns,
                 max_total_tokens=args.max_total_tokens, max_observation_chars=1500, kv_cache=name == "kv_cache"))
             for name in ARMS}
+        # Warm-up (kernels, allocator, both paths once): a short generation, not counted.
+        self.warmup = GroupGenerator(lambda: ShellWorld("train"), tokenizer, SamplingSettings(
+            temperature=args.temperature, max_new_tokens=8, max_turns=1, max_total_tokens=args.max_total_tokens))
         self.pending: dict[int, GenerationStats] = {}  # generated, not yet trained (Lightning fetches ahead)
 
     def arm_of(self, step: int) -> str:
@@ -101,8 +103,10 @@ class Bench:
         arm = self.arm_of(step)
         seed = 100_000 + (step - 2) // 2 if step >= 2 else 90_000  # both arms of a pair play the same task
         torch.manual_seed(step)
+        generator = self.generators[arm] if step >= 2 else self.warmup
+        generator.settings.kv_cache = arm == "kv_cache"
         with self.autocast():
-            rollouts, stats = self.generators[arm].generate_group(self.module.model, seed, self.args.group_size)
+            rollouts, stats = generator.generate_group(self.module.model, seed, self.args.group_size)
         for rollout, advantage in zip(rollouts, grpo_advantages([r.reward for r in rollouts],
                                                                 [r.group_id for r in rollouts])):
             rollout.advantage = advantage
@@ -124,6 +128,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--temperature", type=float, default=0.8)
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
                         help="auto: bf16 autocast where the CPU computes bf16 natively, else float32")
+    parser.add_argument("--micro-batch-size", type=int, default=4,
+                        help="rows per forward/backward in training (bounds activation memory; same gradients)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
     parser.add_argument("--quiet", action="store_true", help="no per-turn generation progress lines")
     args = parser.parse_args(argv)
@@ -142,7 +148,7 @@ def main(argv: list[str] | None = None) -> None:
 
     torch.manual_seed(0)
     module = EchoModule(args.model, lora_rank=16, lora_alpha=32, temperature=args.temperature, world_coef=0.05,
-                        lr=1e-4)
+                        lr=1e-4, micro_batch_size=args.micro_batch_size)
     tokenizer = models.load_tokenizer(args.model)
 
     def autocast():
@@ -170,7 +176,7 @@ def main(argv: list[str] | None = None) -> None:
                          enable_model_summary=False, callbacks=[TimeTraining()], num_sanity_val_steps=0)
     peaks = [peak_matmul_flops(torch.bfloat16 if bf16 else torch.float32)]
     started = time.perf_counter()
-    trainer.fit(module, DataLoader(_Steps(bench), batch_size=None))
+    trainer.fit(module, DataLoader(_Steps(bench, steps), batch_size=None))
     wall = time.perf_counter() - started
     peaks.append(peak_matmul_flops(torch.bfloat16 if bf16 else torch.float32))
     peak = max(peaks)

@@ -418,7 +418,7 @@ class GroupGenerator:
 
     def _log_progress(self, group_id: str, turn: int, episodes: list[_Episode], stats: GenerationStats,
                       started: float) -> None:
-        finished = sum(e.stop_reason is not None for e in episodes)
+        finished = sum(e.stop_reason is not None or e.turns >= self.settings.max_turns for e in episodes)
         seconds = time.perf_counter() - started
         log.info("generating %s: turn %d of at most %d done, %d of %d rollouts finished, %d tokens sampled "
                  "(%.1f tokens/s, %.0f s)", group_id, turn, self.settings.max_turns, finished, len(episodes),
