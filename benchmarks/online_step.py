@@ -118,7 +118,8 @@ class Bench:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--tiny", action="store_true", help="tiny random model, G=4, 2 turns, 8 tokens, 1 pair")
+    parser.add_argument("--tiny", action="store_true",
+                        help="tiny random model, G=4, 2 turns, 8 tokens, 1 pair, 1 thread unless --threads")
     parser.add_argument("--model", default="smollm2-135m-instruct", help="built-in name or checkpoint directory")
     parser.add_argument("--pairs", type=int, default=2, help="measured steps per arm (after one warm-up each)")
     parser.add_argument("--group-size", type=int, default=8)
@@ -138,6 +139,8 @@ def main(argv: list[str] | None = None) -> None:
         logging.getLogger("lit_echo.online.generator").setLevel(logging.INFO)
     if args.tiny:
         args.model, args.group_size, args.max_turns, args.max_new_tokens, args.pairs = "tiny-random", 4, 2, 8, 1
+        # A smoke test: one thread keeps it at seconds on a machine whose cores are busy (see README).
+        args.threads = 1 if args.threads is None else args.threads
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     bf16 = native_bf16("cpu") if args.dtype == "auto" else args.dtype == "bfloat16"
