@@ -344,7 +344,10 @@ class GroupGenerator:
 
         Returns per episode the sampled ids and their log-probs (ending at the end-of-turn token or the budget)
         and the budget. The random stream is consumed as HF ``generate`` would: noise for every row of the turn
-        at every step until all rows have ended the turn.
+        at every step until all rows have ended the turn. One difference: a row whose budget is cut short by
+        ``max_total_tokens`` stops at its budget here, while ``generate`` keeps sampling it (and drawing noise)
+        until it samples end-of-turn or the turn's longest budget; the distribution is the same, the random
+        stream after that turn is not.
         """
         started = time.perf_counter()
         rows_before = cached.batch.prefill_tokens if cached.batch is not None else 0
