@@ -1,7 +1,9 @@
 """The batched multi-turn generator with a real tiny model, a real tokenizer and chat template, real environments.
 
-The sampled ids are checked against what HF ``generate`` itself returned (recorded by wrapping the model's
-``generate``), the log-probs against a fresh forward pass, the roles against what the environment saw and said.
+The reference path (``kv_cache=False``) is checked against what HF ``generate`` itself returned (recorded by
+wrapping the model's ``generate``); the KV-cache path against the reference path under the same seed (same ids,
+same log-probs); the log-probs of both against a fresh forward pass; the roles against what the environment saw
+and said.
 """
 
 from __future__ import annotations
@@ -92,13 +94,41 @@ class GenerateSpy:
         monkeypatch.setattr(model, "generate", generate)
 
 
+class UnevenEnv(ScriptedEnv):
+    """Rollouts of one group end at different turns (decided by the sampled text) and get observations of
+    different lengths, so rows leave the KV cache at different times and every chunk is padded."""
+
+    def step(self, action: str) -> StepResult:
+        result = super().step(action)
+        text = result.observation + "y" * (len(action) % 7)
+        self.observations[-1] = text
+        return StepResult(text, reward=len(action) % 3, done=self.turn == 4 or len(action) % 3 == 0,
+                          info=result.info)
+
+
 def _envs(generator):
     return generator._envs
 
 
+def _assert_logprobs_match_a_fresh_forward(model, rollouts, temperature):
+    """Stored sampling log-probs == a fresh forward pass at the sampling temperature (ACTION targets)."""
+    model.eval()
+    for rollout in rollouts:
+        ids = torch.tensor([rollout.input_ids])
+        roles = torch.tensor([rollout.roles])[:, 1:]
+        with torch.no_grad():
+            hidden = models.hidden_states(model, ids, torch.ones_like(ids))[:, :-1]
+            logp = chunked_logprobs(hidden, models.output_head(model), ids[:, 1:], temperature=temperature,
+                                    temperature_mask=roles == Role.ACTION)[0]
+        stored = [(t, lp) for t, lp in enumerate(rollout.logprobs) if lp is not None]
+        assert stored and all(rollout.roles[t] == Role.ACTION for t, _ in stored)
+        positions = torch.tensor([t - 1 for t, _ in stored])
+        torch.testing.assert_close(logp[positions], torch.tensor([lp for _, lp in stored]), atol=2e-4, rtol=0)
+
+
 def test_actions_are_the_sampled_ids_with_their_logprobs(model, tokenizer, monkeypatch):
     spy = GenerateSpy(model, monkeypatch)
-    settings = SamplingSettings(temperature=0.7, top_p=0.9, max_new_tokens=12, max_turns=3)
+    settings = SamplingSettings(temperature=0.7, top_p=0.9, max_new_tokens=12, max_turns=3, kv_cache=False)
     generator = GroupGenerator(ScriptedEnv, tokenizer, settings)
     model.train()
     torch.manual_seed(1)
@@ -120,19 +150,45 @@ def test_actions_are_the_sampled_ids_with_their_logprobs(model, tokenizer, monke
         assert rollout.metadata["invalid_actions"] == 1 and rollout.reward == pytest.approx(1.5)
     assert stats.rollouts == 3 and stats.turns == 9 and stats.invalid_actions == 3
 
-    # Sampling log-probs == a fresh forward pass at the sampling temperature (ACTION targets).
-    model.eval()
-    for rollout in rollouts:
-        ids = torch.tensor([rollout.input_ids])
-        roles = torch.tensor([rollout.roles])[:, 1:]
-        with torch.no_grad():
-            hidden = models.hidden_states(model, ids, torch.ones_like(ids))[:, :-1]
-            logp = chunked_logprobs(hidden, models.output_head(model), ids[:, 1:], temperature=0.7,
-                                    temperature_mask=roles == Role.ACTION)[0]
-        stored = [(t, lp) for t, lp in enumerate(rollout.logprobs) if lp is not None]
-        assert stored and all(rollout.roles[t] == Role.ACTION for t, _ in stored)
-        positions = torch.tensor([t - 1 for t, _ in stored])
-        torch.testing.assert_close(logp[positions], torch.tensor([lp for _, lp in stored]), atol=2e-4, rtol=0)
+    _assert_logprobs_match_a_fresh_forward(model, rollouts, 0.7)
+
+
+@pytest.mark.parametrize("temperature,top_p", [(0.7, 0.9), (1.0, 1.0)])
+def test_kv_cache_path_samples_what_the_generate_path_samples(model, tokenizer, temperature, top_p):
+    """Same seed, same ids and log-probs: the cached path prefills less but computes the same distribution and
+    draws from the random stream exactly as HF generate does."""
+    results = {}
+    for kv_cache in (False, True):
+        settings = SamplingSettings(temperature=temperature, top_p=top_p, max_new_tokens=10, max_turns=4,
+                                    kv_cache=kv_cache)
+        generator = GroupGenerator(UnevenEnv, tokenizer, settings)
+        torch.manual_seed(3)
+        results[kv_cache] = generator.generate_group(model, seed=11, group_size=5)
+        results[kv_cache] += (torch.rand(1),)  # the random stream after generation
+    (reference, reference_stats, reference_next), (cached, cached_stats, cached_next) = results[False], results[True]
+    assert len({r.metadata["turns"] for r in cached}) > 1, "rows should leave the cache at different turns"
+    for a, b in zip(reference, cached):
+        assert a.input_ids == b.input_ids and a.roles == b.roles
+        assert a.metadata == b.metadata and a.reward == b.reward
+        assert [lp is None for lp in a.logprobs] == [lp is None for lp in b.logprobs]
+        torch.testing.assert_close(torch.tensor([lp for lp in b.logprobs if lp is not None]),
+                                   torch.tensor([lp for lp in a.logprobs if lp is not None]), atol=1e-5, rtol=0)
+    assert torch.equal(reference_next, cached_next)
+    assert cached_stats.sampled_tokens == reference_stats.sampled_tokens
+    assert cached_stats.prefill_tokens < reference_stats.prefill_tokens
+    _assert_logprobs_match_a_fresh_forward(model, cached, temperature)
+
+
+def test_the_shared_opening_is_prefilled_once(model, tokenizer):
+    """Turn 1 of the cached path: the opening minus its last token once (batch 1), then that last token for each
+    row; the reference path prefills the whole opening for every row."""
+    opening = len(RolloutBuilder(tokenizer, ScriptedEnv().reset(0)).prompt_ids())
+    counts = {}
+    for kv_cache in (True, False):
+        generator = GroupGenerator(ScriptedEnv, tokenizer, SamplingSettings(max_new_tokens=4, max_turns=1,
+                                                                            kv_cache=kv_cache))
+        counts[kv_cache] = generator.generate_group(model, seed=0, group_size=3)[1].prefill_tokens
+    assert counts == {True: opening - 1 + 3, False: 3 * opening}
 
 
 def test_roles_round_trip_to_what_the_environment_saw_and_said(model, tokenizer):

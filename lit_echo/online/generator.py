@@ -2,19 +2,33 @@
 
 One turn for the whole group::
 
-    prompts (left-padded) --HF generate(do_sample, use_cache)--> sampled ids + raw logits per step
-        -> cut each row at its end-of-turn id -> RolloutBuilder.add_action(ids, logprobs)  (ACTION, verbatim)
+    running rows --prefill only the tokens added since the last turn (KV cache kept)--> decode loop
+        (sample, feed back) -> cut each row at its end-of-turn id -> RolloutBuilder.add_action(ids, logprobs)
         -> decode the turn's text -> env.step in worker threads or processes (time limit, return checked)
         -> RolloutBuilder.add_observation(observation, warning)  (OBSERVATION / WARNING)
 
 until every rollout is done (the environment said so, ``max_turns``, ``max_total_tokens``, or an environment
-error). Rollouts that finish early drop out of the batch; the others keep generating together.
+error). Rollouts that finish early leave the batch and its cache; the others keep generating together.
+
+Two sampling paths (``SamplingSettings.kv_cache``):
+
+* ``True`` (default): :class:`~lit_echo.online.decoding.CachedRows` keeps one KV cache for the group across
+  turns. The group's shared opening is prefilled once and its cache repeated to the G rows; each later turn
+  prefills only what was added since (the last sampled token, the observation, the template text), so a turn
+  costs its new tokens, not the whole conversation again. Its own decode loop samples exactly like HF's
+  (same random stream), so with the same seed both paths give the same ids and log-probs (up to float rounding).
+* ``False``: one HF ``generate`` per turn over the whole conversation (left padding); each turn prefills every
+  row from the start. Kept as the reference for tests and benchmarks, and used automatically for models whose
+  cache is not a plain growing one (sliding-window or linear-attention layers).
 
 Token-in/token-out: the sampled ids are stored verbatim and never re-tokenized (docs/method.md §2). Their log-probs are
 ``log_softmax(raw_logits / temperature)[sampled_id]``, the temperature-scaled distribution the trainer recomputes
 for ACTION tokens (``EchoModule.temperature``). With ``top_p < 1`` the policy actually samples from the nucleus
 renormalisation of that distribution; the stored log-prob is the un-truncated one, because that is what the
 trainer can recompute (the same convention as verl and TRL).
+
+Progress: after every turn the ``lit_echo.online.generator`` logger writes one INFO line (turn k of N, rollouts
+finished, tokens sampled and tokens/s so far), so a long generation round is not minutes of silence.
 
 Environment errors (``step`` raised, returned something the contract of :mod:`lit_echo.envs.base` does not allow,
 or exceeded ``env_step_timeout_s``) end that rollout with reward 0, a WARNING in the log and the error text as the
@@ -36,6 +50,8 @@ import torch
 
 from lit_echo.chat import RolloutBuilder
 from lit_echo.envs.base import Environment, StepResult, truncate_observation  # noqa: F401  (re-exported)
+from lit_echo.models import _causal_lm
+from lit_echo.online.decoding import CachedRows, exponential_noise, kv_reuse_supported, sample_tokens
 from lit_echo.online.env_runner import FLOAT32_MAX, ProcessEnv, StepFailure, close_quietly, env_name, step_all
 from lit_echo.rollout import Rollout
 
@@ -62,6 +78,9 @@ class SamplingSettings:
         instance is retired). ``"process"`` runs each instance in its own worker process, built from a picklable
         ``env_factory`` (:class:`~lit_echo.envs.base.EnvSpec`); a step over the limit gets its process killed
         and replaced. Use it for environments that can hang (see :mod:`lit_echo.online.env_runner`).
+    ``kv_cache``: keep each rollout's KV cache across turns and prefill the group's shared opening once (True,
+        default), or run one HF ``generate`` over the whole conversation every turn (False: today's slower path,
+        kept as a reference). Both sample the same distribution with the same random stream.
     """
 
     temperature: float = 1.0
@@ -72,6 +91,7 @@ class SamplingSettings:
     max_observation_chars: int = 4000
     env_step_timeout_s: float | None = 30.0
     env_isolation: Literal["thread", "process"] = "thread"
+    kv_cache: bool = True
 
     def __post_init__(self) -> None:
         if not self.temperature > 0:
@@ -89,7 +109,12 @@ class SamplingSettings:
 
 @dataclass
 class GenerationStats:
-    """Counts over one or more generated groups (summable with ``+=``)."""
+    """Counts over one or more generated groups (summable with ``+=``).
+
+    ``prefill_tokens``: positions run through multi-token forwards (prompt prefill; padding included, since it is
+    computed too); ``decode_tokens``: positions run through one-token-per-row decode forwards. ``prefill_s``, ``decode_s``, ``env_s``: seconds spent prefilling, decoding (forwards of one
+    token per row plus sampling), and in environment steps; ``seconds`` is the whole generation.
+    """
 
     rollouts: int = 0
     turns: int = 0
@@ -98,8 +123,13 @@ class GenerationStats:
     env_errors: int = 0
     env_timeouts: int = 0
     sampled_tokens: int = 0
+    prefill_tokens: int = 0
+    decode_tokens: int = 0
     reward_sum: float = 0.0
     seconds: float = 0.0
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+    env_s: float = 0.0
 
     def __iadd__(self, other: "GenerationStats") -> "GenerationStats":
         for name in self.__dataclass_fields__:
@@ -119,6 +149,10 @@ class GenerationStats:
             "perf/rollouts_per_s": self.rollouts / seconds,
             "perf/gen_tokens_per_s": self.sampled_tokens / seconds,
             "perf/generation_s": self.seconds,
+            "perf/prefill_s": self.prefill_s,
+            "perf/decode_s": self.decode_s,
+            "perf/env_s": self.env_s,
+            "perf/prefill_tokens_per_sampled_token": self.prefill_tokens / max(self.sampled_tokens, 1),
         }
 
 
@@ -134,9 +168,45 @@ class _Episode:
     invalid_actions: int = 0
     success: bool = False
     stop_reason: str | None = None  # None while running
+    last_turn_truncated: bool = False  # the last turn was cut at its token limit (no end-of-turn sampled)
     env_error: str | None = None
     info: dict[str, Any] = field(default_factory=dict)
-    last_turn_truncated: bool = False  # the last turn hit max_new_tokens without its end-of-turn token
+
+
+@dataclass
+class _CachedGroup:
+    """The KV cache of a group being generated and the episodes of its rows, in row order."""
+
+    batch: CachedRows | None = None
+    episodes: list[_Episode] = field(default_factory=list)
+
+
+class _PrefillTimer:
+    """Seconds spent in the multi-token forwards (the prefill) of a module while the block runs."""
+
+    def __init__(self, module: torch.nn.Module):
+        self.module = module
+        self.seconds = 0.0
+        self._started: float | None = None
+
+    def _before(self, module, args, kwargs):
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        self._started = time.perf_counter() if ids is not None and ids.shape[1] > 1 else None
+
+    def _after(self, module, args, kwargs, output):
+        if self._started is not None:
+            self.seconds += time.perf_counter() - self._started
+            self._started = None
+
+    def __enter__(self) -> _PrefillTimer:
+        self._handles = [self.module.register_forward_pre_hook(self._before, with_kwargs=True),
+                         self.module.register_forward_hook(self._after, with_kwargs=True)]
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for handle in self._handles:
+            handle.remove()
+
 
 
 class GroupGenerator:
@@ -166,6 +236,7 @@ class GroupGenerator:
         if pad is None:
             raise ValueError("the tokenizer has neither a pad nor an eos token; set tokenizer.pad_token")
         self.pad_token_id = int(pad)
+        self._warned_no_kv_reuse = False
 
     # ------------------------------------------------------------------ public
     def generate_group(self, model, seed: int, group_size: int, *, group_id: str | None = None,
@@ -195,15 +266,20 @@ class GroupGenerator:
         stats = GenerationStats()
         was_training = model.training
         model.eval()
+        # None: one HF generate per turn; else the group's KV cache, created by the first turn.
+        cached = _CachedGroup() if self.settings.kv_cache and self._kv_reuse(model) else None
         try:
             with torch.no_grad():
-                for _ in range(self.settings.max_turns):
+                for turn in range(1, self.settings.max_turns + 1):
                     running = [e for e in episodes if e.stop_reason is None]
                     running = [e for e in running if self._has_room(e)]
                     if not running:
                         break
-                    stats.sampled_tokens += self._sample_turn(model, running)
+                    stats.sampled_tokens += self._sample_turn(model, running, stats, cached)
+                    stepped = time.perf_counter()
                     self._step_envs([e for e in running if e.stop_reason is None], stats)
+                    stats.env_s += time.perf_counter() - stepped
+                    self._log_progress(group_id, turn, episodes, stats, started)
         finally:
             model.train(was_training)
 
@@ -238,8 +314,92 @@ class GroupGenerator:
             return False
         return True
 
-    def _sample_turn(self, model, episodes: list[_Episode]) -> int:
-        """Sample one assistant turn for every episode in one batched ``generate``; returns the tokens kept."""
+    def _kv_reuse(self, model) -> bool:
+        supported = kv_reuse_supported(model)
+        if not supported and not self._warned_no_kv_reuse:
+            log.warning("%s uses a cache that is not a plain growing one (sliding-window or linear-attention "
+                        "layers): generating with one HF generate per turn (kv_cache ignored)",
+                        type(_causal_lm(model)).__name__)
+            self._warned_no_kv_reuse = True
+        return supported
+
+    def _sample_turn(self, model, episodes: list[_Episode], stats: GenerationStats,
+                     cached: _CachedGroup | None) -> int:
+        """Sample one assistant turn for every episode; returns the tokens kept."""
+        if cached is None:
+            sampled, logprobs, budgets = self._sample_turn_generate(model, episodes, stats)
+        else:
+            sampled, logprobs, budgets = self._sample_turn_cached(model, episodes, stats, cached)
+        end_of_turn = episodes[0].builder.end_of_turn_id
+        kept = 0
+        for episode, ids, row_logprobs, budget in zip(episodes, sampled, logprobs, budgets):
+            # Everything after the first end-of-turn is padding generate wrote for a finished row.
+            n = ids.index(end_of_turn) + 1 if end_of_turn in ids else len(ids)
+            n = min(n, budget)
+            episode.builder.add_action(ids[:n], row_logprobs[:n])
+            episode.turns += 1
+            episode.last_turn_truncated = ids[n - 1] != end_of_turn
+            kept += n
+            if episode.last_turn_truncated and budget < self.settings.max_new_tokens:
+                # Cut by the conversation's token limit: there is no room for an observation and another turn.
+                episode.stop_reason = "max_total_tokens"
+        return kept
+
+    def _sample_turn_cached(self, model, episodes: list[_Episode], stats: GenerationStats, cached: _CachedGroup
+                            ) -> tuple[list[list[int]], list[list[float]], list[int]]:
+        """One turn on the group's KV cache: prefill what each row added since the last turn, then decode.
+
+        Returns per episode the sampled ids and their log-probs (ending at the end-of-turn token or the budget)
+        and the budget. The random stream is consumed as HF ``generate`` would: noise for every row of the turn
+        at every step until all rows have ended the turn. One difference: a row whose budget is cut short by
+        ``max_total_tokens`` stops at its budget here, while ``generate`` keeps sampling it (and drawing noise)
+        until it samples end-of-turn or the turn's longest budget; the distribution is the same, the random
+        stream after that turn is not.
+        """
+        started = time.perf_counter()
+        rows_before = cached.batch.prefill_tokens if cached.batch is not None else 0
+        if cached.batch is None:
+            cached.batch = CachedRows(model, self.pad_token_id)
+            logits = cached.batch.start([e.builder.prompt_ids() for e in episodes])  # [n, V]
+        else:
+            keep = [i for i, e in enumerate(cached.episodes) if any(e is r for r in episodes)]
+            if [cached.episodes[i] for i in keep] != episodes:
+                raise RuntimeError("the running episodes are not the cached rows in order")
+            cached.batch.keep(keep)
+            logits = cached.batch.extend([e.builder.prompt_ids()[length:]
+                                         for e, length in zip(episodes, cached.batch.lengths)])
+        cached.episodes = list(episodes)
+        stats.prefill_tokens += cached.batch.prefill_tokens - rows_before
+        decoding = time.perf_counter()
+        stats.prefill_s += decoding - started
+
+        end_of_turn = episodes[0].builder.end_of_turn_id
+        budgets = [self._budget(e) for e in episodes]
+        sampled: list[list[int]] = [[] for _ in episodes]
+        logprobs: list[list[float]] = [[] for _ in episodes]
+        active = [True] * len(episodes)
+        for _ in range(max(budgets)):
+            noise = exponential_noise(len(episodes), logits.shape[-1], logits.device)  # [n, V]
+            ids, step_logprobs = sample_tokens(logits, self.settings.temperature, self.settings.top_p, noise)
+            ids_list, logprob_list = ids.tolist(), step_logprobs.tolist()
+            for i in range(len(episodes)):
+                if not active[i]:
+                    continue
+                sampled[i].append(ids_list[i])
+                logprobs[i].append(logprob_list[i])
+                if ids_list[i] == end_of_turn or len(sampled[i]) == budgets[i]:
+                    active[i] = False
+            if not any(active):
+                break
+            logits = cached.batch.step(ids, active)
+            stats.decode_tokens += len(episodes)
+        stats.decode_s += time.perf_counter() - decoding
+        return sampled, logprobs, budgets
+
+    def _sample_turn_generate(self, model, episodes: list[_Episode], stats: GenerationStats
+                              ) -> tuple[list[list[int]], list[list[float]], list[int]]:
+        """One turn as one batched HF ``generate`` over each episode's whole conversation."""
+        started = time.perf_counter()
         end_of_turn = episodes[0].builder.end_of_turn_id
         prompts = [e.builder.prompt_ids() for e in episodes]
         budgets = [self._budget(e) for e in episodes]
@@ -251,27 +411,28 @@ class GroupGenerator:
         for i, prompt in enumerate(prompts):
             input_ids[i, width - len(prompt):] = torch.tensor(prompt, dtype=torch.long)
             attention_mask[i, width - len(prompt):] = 1
-        out = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
-                             **self._generate_kwargs(end_of_turn, max(budgets)))
+        with _PrefillTimer(_causal_lm(model)) as prefill:
+            out = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
+                                 **self._generate_kwargs(end_of_turn, max(budgets)))
         sampled = out.sequences[:, width:].cpu()  # [n, S]
         # Sampling log-probs of the drawn ids, one generation step at a time ([n, V] each) to bound memory.
         logprobs = torch.stack([
             torch.log_softmax(step_logits.float() / self.settings.temperature, dim=-1)
             .gather(1, sampled[:, s:s + 1].to(step_logits.device)).squeeze(1).cpu()
             for s, step_logits in enumerate(out.logits)], dim=1)  # [n, S]
-        kept = 0
-        for i, episode in enumerate(episodes):
-            ids = sampled[i].tolist()
-            # Everything after the first end-of-turn is padding generate wrote for a finished row.
-            n = ids.index(end_of_turn) + 1 if end_of_turn in ids else len(ids)
-            n = min(n, budgets[i])
-            episode.builder.add_action(ids[:n], logprobs[i, :n].tolist())
-            episode.turns += 1
-            kept += n
-            if ids[n - 1] != end_of_turn and budgets[i] < self.settings.max_new_tokens:
-                # Cut by the conversation's token limit: there is no room for an observation and another turn.
-                episode.stop_reason = "max_total_tokens"
-        return kept
+        stats.prefill_tokens += len(prompts) * width
+        stats.decode_tokens += len(prompts) * max(sampled.shape[1] - 1, 0)
+        stats.prefill_s += prefill.seconds
+        stats.decode_s += time.perf_counter() - started - prefill.seconds
+        return sampled.tolist(), logprobs.tolist(), budgets
+
+    def _log_progress(self, group_id: str, turn: int, episodes: list[_Episode], stats: GenerationStats,
+                      started: float) -> None:
+        finished = sum(e.stop_reason is not None or e.turns >= self.settings.max_turns for e in episodes)
+        seconds = time.perf_counter() - started
+        log.info("generating %s: turn %d of at most %d done, %d of %d rollouts finished, %d tokens sampled "
+                 "(%.1f tokens/s, %.0f s)", group_id, turn, self.settings.max_turns, finished, len(episodes),
+                 stats.sampled_tokens, stats.sampled_tokens / max(seconds, 1e-9), seconds)
 
     def _generate_kwargs(self, end_of_turn: int, max_new_tokens: int) -> dict[str, Any]:
         s = self.settings
