@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import glob
 import json
+import re
 from pathlib import Path
 
 import lightning as L
@@ -263,3 +264,21 @@ def test_textworld_recipe_is_a_valid_config():
     with pytest.raises(SystemExit) as exit_info:
         run(["fit", "--config", str(REPO / "configs/textworld.yaml"), "--print_config"])
     assert exit_info.value.code in (0, None)
+
+
+def test_every_data_option_has_help(capsys):
+    """``lit-echo fit --data.help lit_echo.online.OnlineRolloutDataModule`` describes every option."""
+    import inspect
+
+    from lit_echo.cli import run
+
+    with pytest.raises(SystemExit):
+        run(["fit", "--data.help", "lit_echo.online.OnlineRolloutDataModule"])
+    text = capsys.readouterr().out
+    blocks = {m.group(1): m.group(2) for m in re.finditer(r"^  --data\.(\w+)[^\n]*?(?: {2,}|\n)(.*?)(?=^  --|\Z)",
+                                                         text, flags=re.S | re.M)}
+    names = [name for name in inspect.signature(OnlineRolloutDataModule).parameters]
+    assert sorted(blocks) == sorted(names)
+    for name in names:
+        description = " ".join(blocks[name].split()).split("(type:")[0].strip()
+        assert len(description) > 10, (name, blocks[name])

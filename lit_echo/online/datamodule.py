@@ -242,63 +242,62 @@ class OnlineRolloutDataModule(RolloutDataModule):
 
     Args:
         env_class: import path of an Environment class (``reset(seed)``, ``step(action)``, see
-            ``lit_echo.envs.base``), e.g. ``lit_echo.envs.examples.GuessNumber``. Default None: set this,
-            ``envs`` or ``agent``.
-        env_kwargs: keyword arguments of its constructor (default None: none). Turn and observation limits are
+            ``lit_echo.envs.base``), e.g. ``lit_echo.envs.examples.GuessNumber``. Set this, ``envs`` or
+            ``agent``.
+        env_kwargs: keyword arguments of its constructor (None: none). Turn and observation limits are
             not environment arguments: they are ``max_turns`` and ``max_observation_chars`` below.
         envs: several environments in one run, instead of ``env_class``: a list of
             ``{class_path, init_args, weight, name}`` (``init_args`` default {}, ``weight`` default 1, ``name``
             default the class name). Each task seed picks one environment with probability proportional to its
             weight; ``rollout/<task_type>/success_rate`` is logged per task type (``info["task_type"]``, else
-            the name). Default None.
+            the name).
         agent: your own agent loop instead of an environment: a callable (or its import path)
             ``agent(model, tokenizer, seed, group_size, temperature) -> list[Rollout]`` called once per group
-            (see ``lit_echo.online.agent``). Default None.
+            (see ``lit_echo.online.agent``).
         env_seed: base of the task seeds: group n of rank r (of W ranks) plays ``env_seed + n * W + r``.
-            Default 0.
-        group_size: rollouts per task (the GRPO group), sampled together. Default 8.
+        group_size: rollouts per task (the GRPO group), sampled together.
         groups_per_step: tasks per optimizer step; a step trains on ``groups_per_step * group_size`` online
-            rollouts. Default 1.
+            rollouts.
         generate_every: optimizer steps per generation round; a round generates that many steps' worth of
-            groups. Default 1.
-        batch_size: rollouts per step; None (default) derives it (online + offline rows); a given value must
+            groups.
+        batch_size: rollouts per step; None derives it (online + offline rows); a given value must
             match.
-        top_p: nucleus sampling (1.0, the default, samples the full distribution). The temperature is the
+        top_p: nucleus sampling (1.0 samples the full distribution). The temperature is the
             model's ``temperature``: the trainer recomputes ACTION log-probs at it, so sampling at any other
             would make the PPO ratio wrong.
-        max_new_tokens: tokens sampled per assistant turn at most. Default 256.
-        max_turns: assistant turns per rollout at most (the environment may end it sooner). Default 8.
-        max_total_tokens: no turn starts or grows past this many tokens in the conversation. Default 4096.
-        max_observation_chars: longer observations are cut, with a visible notice. Default 4000.
+        max_new_tokens: tokens sampled per assistant turn at most.
+        max_turns: assistant turns per rollout at most (the environment may end it sooner).
+        max_total_tokens: no turn starts or grows past this many tokens in the conversation.
+        max_observation_chars: longer observations are cut, with a visible notice.
         env_step_timeout_s: seconds one ``env.step`` may take; the rollout ends with an error after it (None:
-            no limit). Default 30.
-        env_isolation: where environment steps run: "thread" (default, worker threads of this process) or
+            no limit).
+        env_isolation: where environment steps run: "thread" (worker threads of this process) or
             "process" (worker processes with a killable time limit).
         buffer_dir: every rollout is appended to ``buffer_dir/rollouts-rank{R}.jsonl`` (one file per global rank);
-            a relative path is taken under ``trainer.default_root_dir``. None keeps nothing. Default "rollouts".
+            a relative path is taken under ``trainer.default_root_dir``. None keeps nothing.
         offline_path: an offline buffer (file, directory or glob; relative to the working directory) mixed into
-            every step. Default None.
-        offline_ratio: share of each step's rows taken from ``offline_path`` (0 <= r < 1). Default 0.
+            every step.
+        offline_ratio: share of each step's rows taken from ``offline_path`` (0 <= r < 1).
         val_path: an offline held-out buffer for validation (relative to the working directory); not together
-            with ``val_env_kwargs``. Default None.
+            with ``val_env_kwargs``.
         val_env_kwargs: validate by playing held-out tasks: constructor arguments merged over ``env_kwargs``
             (over each entry's ``init_args`` with ``envs``), e.g. ``{split: heldout}``; ``{}`` plays the training
             environment on the validation seeds. Each validation generates ``val_episodes`` rollouts on seeds
-            ``val_seed + k`` (split across ranks) and logs ``val/rollout/*``. Default None.
-        val_episodes: rollouts per validation with ``val_env_kwargs``. Default 16.
-        val_seed: first task seed of validation. Default 0.
-        val_temperature: sampling temperature of validation; None (default): the model's temperature.
-        log_samples: rollouts per generation round shown as TensorBoard text (``rollouts/sample_i``). Default 2.
+            ``val_seed + k`` (split across ranks) and logs ``val/rollout/*``.
+        val_episodes: rollouts per validation with ``val_env_kwargs``.
+        val_seed: first task seed of validation.
+        val_temperature: sampling temperature of validation; None: the model's temperature.
+        log_samples: rollouts per generation round shown as TensorBoard text (``rollouts/sample_i``).
         tokenizer: the policy's tokenizer; the CLI links it to ``model.model_name_or_path``.
-        val_batch_size: rollouts per validation batch; None (default): ``batch_size``.
-        max_length: tokens per rollout in a batch after truncation (None: no limit). Default 4096.
-        truncation: "right" (default) keeps the first ``max_length`` tokens; "drop" leaves over-long rollouts out.
-        shuffle: shuffle the offline buffer (``offline_path``). Default True.
-        shuffle_buffer: records held for the offline shuffle. Default 1024.
-        seed: seed of the offline shuffle. Default 0.
+        val_batch_size: rollouts per validation batch; None: ``batch_size``.
+        max_length: tokens per rollout in a batch after truncation (None: no limit).
+        truncation: "right" keeps the first ``max_length`` tokens; "drop" leaves over-long rollouts out.
+        shuffle: shuffle the offline buffer (``offline_path``).
+        shuffle_buffer: records held for the offline shuffle.
+        seed: seed of the offline shuffle.
         num_workers: must be 0: generation runs in the main process with the model being trained.
-        on_bad_record: bad records in the offline buffers: "raise" (default) or "skip".
-        grpo_scale_by_std: GRPO advantages divided by the group's std (True, default) or Dr. GRPO (False).
+        on_bad_record: bad records in the offline buffers: "raise" or "skip".
+        grpo_scale_by_std: GRPO advantages divided by the group's std (True) or Dr. GRPO (False).
     """
 
     def __init__(self, env_class: str | None = None, env_kwargs: dict | None = None,
