@@ -85,7 +85,7 @@ def _scalars(log_dir, steps: bool = False) -> dict[str, list]:
 
 
 def test_online_fit_writes_every_rollout_and_restart_appends(tiny_checkpoint, tmp_path):
-    trainer, data, batches = _fit(tiny_checkpoint, tmp_path)
+    trainer, _, batches = _fit(tiny_checkpoint, tmp_path)
     assert trainer.global_step == 3 and len(batches) == 3
     path = tmp_path / "rollouts" / "rollouts-rank0.jsonl"
     lines = path.read_text().splitlines()
@@ -276,7 +276,7 @@ def test_every_data_option_has_help(capsys):
         run(["fit", "--data.help", "lit_echo.online.OnlineRolloutDataModule"])
     text = capsys.readouterr().out
     blocks = {m.group(1): m.group(2) for m in re.finditer(r"^  --data\.(\w+)[^\n]*?(?: {2,}|\n)(.*?)(?=^  --|\Z)",
-                                                         text, flags=re.S | re.M)}
+                                                         text, flags=re.DOTALL | re.MULTILINE)}
     names = [name for name in inspect.signature(OnlineRolloutDataModule).parameters]
     assert sorted(blocks) == sorted(names)
     for name in names:

@@ -25,7 +25,7 @@ SECTION = README[README.index("### Your own environment"):README.index("## Data"
 
 
 def _blocks(language: str) -> list[str]:
-    return re.findall(rf"```{language}\n(.*?)```", SECTION, flags=re.S)
+    return re.findall(rf"```{language}\n(.*?)```", SECTION, flags=re.DOTALL)
 
 
 def _scalar_tags(log_dir: Path) -> set[str]:

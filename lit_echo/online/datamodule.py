@@ -115,17 +115,19 @@ def _env_specs(env_class: str | None, env_kwargs: dict | None, envs: list[dict] 
     for i, entry in enumerate(envs):
         option = f"data.envs[{i}]"
         if not isinstance(entry, dict) or not isinstance(entry.get("class_path"), str):
-            raise ValueError(f"{option}: expected a mapping with class_path (and optional init_args, weight, name), "
+            raise TypeError(f"{option}: expected a mapping with class_path (and optional init_args, weight, name), "
                              f"got {entry!r}")
         unknown = sorted(set(entry) - {"class_path", "init_args", "weight", "name"})
         if unknown:
             raise ValueError(f"{option}: unknown keys {unknown}; expected class_path, init_args, weight, name")
         weight = entry.get("weight", 1.0)
-        if not isinstance(weight, (int, float)) or not 0 < weight < math.inf:
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)):
+            raise TypeError(f"{option}.weight: expected a number > 0, got {weight!r}")
+        if not 0 < weight < math.inf:
             raise ValueError(f"{option}.weight: expected a number > 0, got {weight!r}")
         init_args = entry.get("init_args") or {}
         if not isinstance(init_args, dict):
-            raise ValueError(f"{option}.init_args: expected a mapping of constructor arguments, got {init_args!r}")
+            raise TypeError(f"{option}.init_args: expected a mapping of constructor arguments, got {init_args!r}")
         cls = _import(entry["class_path"], f"{option}.class_path")
         specs.append(EnvSpec(entry["class_path"], dict(init_args), float(weight), entry.get("name") or cls.__name__,
                              option))
@@ -440,9 +442,10 @@ class OnlineRolloutDataModule(RolloutDataModule):
 
     def _settings(self, temperature: float) -> SamplingSettings:
         h = self.hparams
-        kwargs = dict(temperature=temperature, top_p=h.top_p, max_new_tokens=h.max_new_tokens,
-                      max_turns=h.max_turns, max_total_tokens=h.max_total_tokens,
-                      max_observation_chars=h.max_observation_chars, env_step_timeout_s=h.env_step_timeout_s)
+        kwargs: dict[str, Any] = {"temperature": temperature, "top_p": h.top_p, "max_new_tokens": h.max_new_tokens,
+                                  "max_turns": h.max_turns, "max_total_tokens": h.max_total_tokens,
+                                  "max_observation_chars": h.max_observation_chars,
+                                  "env_step_timeout_s": h.env_step_timeout_s}
         if "env_isolation" in SamplingSettings.__dataclass_fields__:
             kwargs["env_isolation"] = h.env_isolation
         return SamplingSettings(**kwargs)
