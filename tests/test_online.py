@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import glob
 import json
+import pickle
 import re
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lit_echo.data.buffer import RolloutBuffer
 from lit_echo.data.datamodule import RolloutDataModule
 from lit_echo.envs.base import StepResult
+from lit_echo.envs.examples import GuessNumber
 from lit_echo.module import EchoModule
 from lit_echo.online import OnlineRolloutDataModule
 from lit_echo.rollout import Rollout
@@ -189,6 +191,9 @@ def test_fail_fast_at_construction_names_the_option(tmp_path, monkeypatch):
         OnlineRolloutDataModule(env_class=SHELL, env_kwargs={"split": "train"}, val_env_kwargs={"split": "nope"})
     data = OnlineRolloutDataModule(env_class=GUESS, env_kwargs={"high": 7}, val_env_kwargs={"max_guesses": 2})
     assert [spec.kwargs for spec in data.val_env_specs] == [{"high": 7, "max_guesses": 2}]
+    # An environment spec is picklable (class path + kwargs), so worker processes can build instances from it.
+    env = pickle.loads(pickle.dumps(data.val_env_specs[0]))()
+    assert isinstance(env, GuessNumber) and env.max_guesses == 2
     # Input paths: relative ones are resolved against the working directory, and the error says so.
     with pytest.raises(FileNotFoundError, match=rf"data.offline_path: .*working directory {tmp_path}"):
         OnlineRolloutDataModule(env_class=GUESS, offline_path="data/sample/train.jsonl", offline_ratio=0.5)
