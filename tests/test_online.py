@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import glob
 import json
+import pickle
+import re
 from pathlib import Path
 
 import lightning as L
@@ -14,6 +16,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lit_echo.data.buffer import RolloutBuffer
 from lit_echo.data.datamodule import RolloutDataModule
 from lit_echo.envs.base import StepResult
+from lit_echo.envs.examples import GuessNumber
 from lit_echo.module import EchoModule
 from lit_echo.online import OnlineRolloutDataModule
 from lit_echo.rollout import Rollout
@@ -42,7 +45,7 @@ class BatchRecorder(L.Callback):
         self.batches.append(batch)
 
 
-def _fit(checkpoint, tmp_path, max_steps=3, **data_kwargs):
+def _fit(checkpoint, tmp_path, max_steps=3, callbacks=(), ckpt_path=None, **data_kwargs):
     kwargs = dict(env_class="lit_echo.envs.shellworld.ShellWorld", env_kwargs={"split": "train"},
                   group_size=2, groups_per_step=1, generate_every=2, max_new_tokens=8, max_turns=2,
                   max_total_tokens=768, buffer_dir=str(tmp_path / "rollouts"), tokenizer=str(checkpoint),
@@ -53,9 +56,9 @@ def _fit(checkpoint, tmp_path, max_steps=3, **data_kwargs):
     data = OnlineRolloutDataModule(**kwargs)
     recorder = BatchRecorder()
     trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=max_steps, logger=TensorBoardLogger(tmp_path / "tb"),
-                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                        num_sanity_val_steps=0, log_every_n_steps=1, callbacks=[recorder])
-    trainer.fit(module, datamodule=data)
+                        enable_checkpointing=bool(callbacks), enable_progress_bar=False, enable_model_summary=False,
+                        num_sanity_val_steps=0, log_every_n_steps=1, callbacks=[recorder, *callbacks])
+    trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
     return trainer, data, recorder.batches
 
 
@@ -68,7 +71,8 @@ def _rows(batch):
     return rows
 
 
-def _scalars(log_dir) -> dict[str, list]:
+def _scalars(log_dir, steps: bool = False) -> dict[str, list]:
+    """Every scalar's values (or (step, value) pairs) and every text tensor, by tag."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     out: dict[str, list] = {}
@@ -76,19 +80,22 @@ def _scalars(log_dir) -> dict[str, list]:
         events = EventAccumulator(path, size_guidance={"tensors": 0, "scalars": 0})
         events.Reload()
         for tag in events.Tags()["scalars"]:
-            out.setdefault(tag, []).extend(e.value for e in events.Scalars(tag))
+            out.setdefault(tag, []).extend((e.step, e.value) if steps else e.value for e in events.Scalars(tag))
         for tag in events.Tags()["tensors"]:
             out.setdefault(tag, []).extend(events.Tensors(tag))
     return out
 
 
 def test_online_fit_writes_every_rollout_and_restart_appends(tiny_checkpoint, tmp_path):
-    trainer, data, batches = _fit(tiny_checkpoint, tmp_path)
+    trainer, _, batches = _fit(tiny_checkpoint, tmp_path)
     assert trainer.global_step == 3 and len(batches) == 3
     path = tmp_path / "rollouts" / "rollouts-rank0.jsonl"
     lines = path.read_text().splitlines()
-    # Two rounds of generate_every=2 steps x 1 group x 2 rollouts cover the 3 steps.
-    assert len(lines) == 8
+    # Two rounds of generate_every=2 steps x 1 group x 2 rollouts cover the 3 steps; the group of the 4th step,
+    # which never ran, is set aside at the end of the fit.
+    assert len(lines) == 6
+    untrained = [Rollout.from_json(line) for line in Path(f"{path}.untrained").read_text().splitlines()]
+    assert [r.metadata["group_index"] for r in untrained] == [3, 3]
 
     # Read back by the offline buffer: the trained batches are the first records, token for token and role for role.
     stored = [item.rollout for item in RolloutBuffer(path, shuffle=False)]
@@ -100,14 +107,18 @@ def test_online_fit_writes_every_rollout_and_restart_appends(tiny_checkpoint, tm
     # Distinct task per group, two rollouts per group.
     seeds = [r.metadata["env_seed"] for r in stored]
     assert seeds[::2] == list(range(len(stored) // 2)) and seeds[::2] == seeds[1::2]
+    assert [r.metadata["train_step"] for r in stored] == [0, 0, 1, 1, 2, 2]
     # Round 1 (steps 0-1) is made before any update; round 2 is fetched one batch ahead, after step 0 only.
-    assert [r.policy_version for r in stored[:8]] == [0] * 4 + [1] * 4
+    assert [r.policy_version for r in stored] == [0] * 4 + [1] * 2
     assert [b["policy_version"].tolist() for b in batches] == [[0, 0], [0, 0], [1, 1]]
 
-    scalars = _scalars(tmp_path / "tb")
+    scalars = _scalars(tmp_path / "tb", steps=True)
     for name in ("rollout/success_rate", "rollout/turns_mean", "rollout/invalid_action_rate", "rollout/env_errors",
-                 "perf/rollouts_per_s", "perf/gen_tokens_per_s", "losses/world"):
-        assert scalars.get(name), name
+                 "perf/rollouts_per_s", "perf/gen_tokens_per_s"):
+        # Once per round, at the step that trains the round's first batch (rounds start at steps 0 and 2).
+        assert [step for step, _ in scalars.get(name, [])] == [0, 2], name
+    assert any(tag.startswith("rollout/") and tag.endswith("/success_rate") and tag.count("/") == 2
+               for tag in scalars), "per task type success rate"
     samples = [tag for tag in scalars if tag.startswith("rollouts/sample_")]
     assert samples, "sample rollouts are logged as TensorBoard text"
     text = scalars[samples[0]][0].tensor_proto.string_val[0].decode()
@@ -138,35 +149,118 @@ def test_failing_environment_does_not_stop_training_and_offline_mix(tiny_checkpo
     assert broken and all(r.reward == 0 and r.metadata["stop_reason"] == "env_error" for r in broken)
     assert all("RuntimeError: task" in r.metadata["env_error"] for r in broken)
     assert max(_scalars(tmp_path / "tb")["rollout/env_errors"]) == 2
+    # Only online groups are stored (the offline rows are in data/sample already).
+    assert [r.metadata["group_index"] for r in stored] == [0, 0, 1, 1]
+
+
+SHELL = "lit_echo.envs.shellworld.ShellWorld"
+GUESS = "lit_echo.envs.examples.GuessNumber"
 
 
 def test_configuration_errors_are_explicit():
     with pytest.raises(ValueError, match="batch_size=8 does not match"):
-        OnlineRolloutDataModule(group_size=2, groups_per_step=2, batch_size=8)
+        OnlineRolloutDataModule(env_class=SHELL, group_size=2, groups_per_step=2, batch_size=8)
     with pytest.raises(ValueError, match="num_workers must be 0"):
-        OnlineRolloutDataModule(num_workers=2)
+        OnlineRolloutDataModule(env_class=SHELL, num_workers=2)
     with pytest.raises(ImportError, match="has no attribute 'Nope'"):
         OnlineRolloutDataModule(env_class="lit_echo.envs.shellworld.Nope")
-    with pytest.raises(ValueError, match="needs offline_path"):
-        OnlineRolloutDataModule(offline_ratio=0.5)
+    with pytest.raises(ValueError, match="needs data.offline_path"):
+        OnlineRolloutDataModule(env_class=SHELL, offline_ratio=0.5)
+    with pytest.raises(ValueError, match="no rollout source: set data.env_class"):
+        OnlineRolloutDataModule()
+    with pytest.raises(ValueError, match=r"data.envs\[1\].weight: expected a number > 0"):
+        OnlineRolloutDataModule(envs=[{"class_path": GUESS}, {"class_path": GUESS, "weight": 0, "name": "b"}])
+    with pytest.raises(ValueError, match="several entries are named"):
+        OnlineRolloutDataModule(envs=[{"class_path": GUESS}, {"class_path": GUESS}])
+    with pytest.raises(ValueError, match="not both"):
+        OnlineRolloutDataModule(env_class=GUESS, envs=[{"class_path": GUESS}])
+
+
+def test_fail_fast_at_construction_names_the_option(tmp_path, monkeypatch):
+    """Environment construction and reset, input paths and the buffer directory are checked when the module is
+    built (the CLI builds it before the model), each error naming its option."""
+    monkeypatch.chdir(tmp_path)
+    # The training environment is constructed and reset once.
+    with pytest.raises(ValueError, match=r"data.env_class/data.env_kwargs: .*GuessNumber\(\*\*\{'size': 3\}\) "
+                                         r"failed: TypeError"):
+        OnlineRolloutDataModule(env_class=GUESS, env_kwargs={"size": 3})
+    with pytest.raises(ValueError, match=r"data.envs\[0\]: .*reset\(0\) failed: ZeroDivisionError"):
+        OnlineRolloutDataModule(envs=[{"class_path": GUESS, "init_args": {"high": 0}}])
+    # The validation environment too, with val_env_kwargs merged over env_kwargs (not replacing them).
+    with pytest.raises(ValueError, match=r"data.val_env_kwargs \(merged over .*\{'split': 'nope'\}\) failed"):
+        OnlineRolloutDataModule(env_class=SHELL, env_kwargs={"split": "train"}, val_env_kwargs={"split": "nope"})
+    data = OnlineRolloutDataModule(env_class=GUESS, env_kwargs={"high": 7}, val_env_kwargs={"max_guesses": 2})
+    assert [spec.kwargs for spec in data.val_env_specs] == [{"high": 7, "max_guesses": 2}]
+    # An environment spec is picklable (class path + kwargs), so worker processes can build instances from it.
+    env = pickle.loads(pickle.dumps(data.val_env_specs[0]))()
+    assert isinstance(env, GuessNumber) and env.max_guesses == 2
+    # Input paths: relative ones are resolved against the working directory, and the error says so.
+    with pytest.raises(FileNotFoundError, match=rf"data.offline_path: .*working directory {tmp_path}"):
+        OnlineRolloutDataModule(env_class=GUESS, offline_path="data/sample/train.jsonl", offline_ratio=0.5)
+    with pytest.raises(FileNotFoundError, match="data.val_path: no rollout files"):
+        OnlineRolloutDataModule(env_class=GUESS, val_path=str(tmp_path / "missing.jsonl"))
+    (tmp_path / "a-file").write_text("")
+    with pytest.raises(PermissionError, match="data.buffer_dir: cannot write rollouts to .*a-file"):
+        OnlineRolloutDataModule(env_class=GUESS, buffer_dir=str(tmp_path / "a-file" / "rollouts"))
+
+
+def test_fail_fast_at_setup(tiny_checkpoint, tmp_path):
+    """The endless stream needs trainer.max_steps; a relative buffer_dir is checked under default_root_dir."""
+    module = EchoModule(model_name_or_path=str(tiny_checkpoint), lora_rank=4)
+    data = OnlineRolloutDataModule(env_class=GUESS, group_size=2, tokenizer=str(tiny_checkpoint))
+    trainer = L.Trainer(accelerator="cpu", max_epochs=1, logger=False, enable_checkpointing=False,
+                        default_root_dir=tmp_path)
+    with pytest.raises(ValueError, match="trainer.max_steps is not set"):
+        trainer.fit(module, datamodule=data)
+    (tmp_path / "root").write_text("")
+    trainer = L.Trainer(accelerator="cpu", max_steps=1, logger=False, enable_checkpointing=False,
+                        default_root_dir=tmp_path / "root")
+    with pytest.raises(PermissionError, match="data.buffer_dir: .*taken under trainer.default_root_dir"):
+        trainer.fit(module, datamodule=data)
+
+
+def test_resume_trains_every_group_once(tiny_checkpoint, tmp_path):
+    """Resuming from an older checkpoint (what a crash leaves) regenerates the groups after it; the buffer keeps
+    each group once: exactly the groups of the final lineage's trained batches, in order."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    def checkpoints():
+        return [ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=1, save_top_k=-1)]
+
+    _, _, first = _fit(tiny_checkpoint, tmp_path, max_steps=3, generate_every=1, callbacks=checkpoints())
+    # Resume after step 1 as if the run had died there: steps 1 and 2 were trained by weights now discarded.
+    _, data, second = _fit(tiny_checkpoint, tmp_path, max_steps=3, generate_every=1, callbacks=checkpoints(),
+                           ckpt_path=str(tmp_path / "ckpt" / "epoch=0-step=1.ckpt"))
+    assert data.groups_trained == 3
+    path = tmp_path / "rollouts" / "rollouts-rank0.jsonl"
+    stored = [item.rollout for item in RolloutBuffer(path, shuffle=False)]
+    assert [r.metadata["group_index"] for r in stored] == [0, 0, 1, 1, 2, 2]
+    assert len({r.metadata["run_id"] for r in stored}) == 1
+    trained = [row for batch in first[:1] + second for row in _rows(batch)]
+    assert [(ids, roles) for ids, roles, _, _ in trained] == [(r.input_ids, r.roles) for r in stored]
+    # The rest (first run: groups 1-2 trained by discarded weights, and each run's prefetched group 3) is kept
+    # aside, as valid JSON lines.
+    aside = [Rollout.from_json(line) for line in Path(f"{path}.untrained").read_text().splitlines()]
+    assert [r.metadata["group_index"] for r in aside] == [3, 3, 1, 1, 2, 2, 3, 3]
 
 
 def test_tiny_online_recipe_runs_and_its_buffer_reads_back(tmp_path):
-    """configs/tiny-online.yaml through the CLI (shortened), then RolloutDataModule(train_path=buffer dir)."""
+    """configs/tiny-online.yaml through the CLI (shortened), outputs under --trainer.default_root_dir, then
+    RolloutDataModule(train_path=buffer dir)."""
     from lit_echo.cli import run
 
-    buffer_dir = tmp_path / "rollouts"
     run(["fit", "--config", str(REPO / "configs/tiny-online.yaml"), "--trainer.max_steps=2",
-          "--trainer.val_check_interval=2", f"--trainer.default_root_dir={tmp_path}",
-          f"--trainer.logger.init_args.save_dir={tmp_path}", f"--data.init_args.buffer_dir={buffer_dir}",
-          f"--data.init_args.offline_path={REPO / 'data/sample/train.jsonl'}"])
+         "--trainer.val_check_interval=2", f"--trainer.default_root_dir={tmp_path}",
+         f"--data.init_args.offline_path={REPO / 'data/sample/train.jsonl'}"])
+    buffer_dir = tmp_path / "rollouts"
     raw = [json.loads(line) for line in (buffer_dir / "rollouts-rank0.jsonl").read_text().splitlines()]
     assert raw
     offline = RolloutDataModule(train_path=str(buffer_dir), tokenizer="tiny-random", shuffle=False, repeat=False,
                                 batch_size=2, max_length=None)
     rows = [row for batch in offline.train_dataloader() for row in _rows(batch)]
     assert [(ids, roles) for ids, roles, _, _ in rows] == [(r["input_ids"], r["roles"]) for r in raw]
-    assert any(tag.startswith("val_rollout/") for tag in _scalars(tmp_path))
+    scalars = _scalars(tmp_path / "lightning_logs")
+    assert scalars.get("val/rollout/success_rate") and scalars.get("rollout/success_rate")
 
 
 def test_textworld_recipe_is_a_valid_config():
@@ -175,3 +269,21 @@ def test_textworld_recipe_is_a_valid_config():
     with pytest.raises(SystemExit) as exit_info:
         run(["fit", "--config", str(REPO / "configs/textworld.yaml"), "--print_config"])
     assert exit_info.value.code in (0, None)
+
+
+def test_every_data_option_has_help(capsys):
+    """``lit-echo fit --data.help lit_echo.online.OnlineRolloutDataModule`` describes every option."""
+    import inspect
+
+    from lit_echo.cli import run
+
+    with pytest.raises(SystemExit):
+        run(["fit", "--data.help", "lit_echo.online.OnlineRolloutDataModule"])
+    text = capsys.readouterr().out
+    blocks = {m.group(1): m.group(2) for m in re.finditer(r"^  --data\.(\w+)[^\n]*?(?: {2,}|\n)(.*?)(?=^  --|\Z)",
+                                                         text, flags=re.DOTALL | re.MULTILINE)}
+    names = [name for name in inspect.signature(OnlineRolloutDataModule).parameters]
+    assert sorted(blocks) == sorted(names)
+    for name in names:
+        description = " ".join(blocks[name].split()).split("(type:")[0].strip()
+        assert len(description) > 10, (name, blocks[name])

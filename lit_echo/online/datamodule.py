@@ -3,10 +3,10 @@
 Data flow (main process, ``num_workers=0``)::
 
     every ``generate_every`` optimizer steps:
-        groups_per_step * generate_every groups of ``group_size`` rollouts  (GroupGenerator, current weights)
-        -> GRPO advantages per group -> appended to ``buffer_dir/rollouts-rank{R}.jsonl`` (fsync per group)
-        -> yielded as ``generate_every`` batches, each ``groups_per_step * group_size`` online rollouts plus
-           ``offline_per_step`` rollouts from ``offline_path``
+        groups_per_step * generate_every groups of ``group_size`` rollouts  (GroupGenerator or your agent loop,
+        current weights) -> GRPO advantages per group -> appended to ``buffer_dir/rollouts-rank{R}.jsonl``
+        (fsync per group) -> yielded as ``generate_every`` batches, each ``groups_per_step * group_size`` online
+        rollouts plus ``offline_per_step`` rollouts from ``offline_path``
 
 Weights: generation uses ``trainer.lightning_module.model`` in place (no second copy), under the precision
 plugin's forward context so sampling runs at the training precision. ``policy_version`` is
@@ -16,10 +16,23 @@ Staleness: Lightning fetches one batch ahead of the step that trains on it, so g
 on runs before step s-1 has updated the weights: rollouts are one optimizer step stale, plus up to
 ``generate_every - 1`` more steps for the later batches of a round. The PPO ratio ``exp(logp - old)`` against the
 stored sampling log-probs corrects for exactly that (and the clip bounds it); ``batch["policy_version"]`` says
-how stale each rollout is.
+how stale each rollout is. The ``rollout/*`` metrics of a round are logged at the step that trains its first
+batch (once per round, whatever was prefetched).
 
 Seeds: group n of global rank r (of W) plays task ``env_seed + n * W + r``, so groups never repeat a task within
-a run and DDP ranks play different tasks. The group counter is checkpointed: a resumed run plays new tasks.
+a run and DDP ranks play different tasks. With several environments (``envs``) the task seed also picks the
+environment, by weight, deterministically.
+
+Exactly once: every stored record carries ``metadata.group_index`` (n), ``metadata.train_step`` (the optimizer
+step whose batch holds it: ``n // groups_per_step``) and ``metadata.run_id`` (one id per run, kept across
+resumes). The checkpoint holds ``groups_trained``, the groups of the batches handed to ``training_step`` (counted
+when a batch is transferred, not when it is prefetched). On resume, generation restarts at group
+``groups_trained`` (the tasks an uninterrupted run would play next), and the records of this run with
+``group_index >= groups_trained`` at the end of the buffer (groups prefetched for steps that never ran, and
+groups trained after the checkpoint by weights the resume discards) move to ``rollouts-rank{R}.jsonl.untrained``
+beside it. At the end of a fit the groups prefetched for steps that did not run move there too. So the buffer
+holds each group once, exactly the groups the run's final weights were trained on, in training order; the
+side file keeps the rest (its ``.untrained`` suffix keeps it out of directory reads).
 """
 
 from __future__ import annotations
@@ -27,22 +40,180 @@ from __future__ import annotations
 import logging
 import math
 import os
-from collections.abc import Iterator
+import random
+import uuid
+from collections import deque
+from collections.abc import Callable, Iterator
 from contextlib import nullcontext
+from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any, Literal
 
 from torch.utils.data import DataLoader, IterableDataset
 
 from lit_echo.advantages import grpo_advantages
-from lit_echo.data.buffer import BufferItem
+from lit_echo.data.buffer import BufferItem, expand_paths
 from lit_echo.data.datamodule import RolloutDataModule
-from lit_echo.envs.base import Environment, import_env_class
+from lit_echo.envs.base import Environment, import_env_class  # noqa: F401  (re-exported)
+from lit_echo.online.agent import run_agent
 from lit_echo.online.generator import GenerationStats, GroupGenerator, SamplingSettings
 from lit_echo.online.reporting import log_generation
 from lit_echo.online.writer import RolloutWriter
 from lit_echo.rollout import Rollout
 
 log = logging.getLogger(__name__)
+
+
+def _import(path: str, option: str) -> Any:
+    module_name, _, name = path.rpartition(".")
+    if not module_name:
+        raise ValueError(f"{option}: expected a dotted import path like 'package.module.Name', got {path!r}")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as err:
+        raise ImportError(f"{option} {path!r}: cannot import module {module_name!r} ({err})") from err
+    if not hasattr(module, name):
+        raise ImportError(f"{option} {path!r}: module {module_name!r} has no attribute {name!r}")
+    return getattr(module, name)
+
+
+@dataclass
+class EnvEntry:
+    """One environment of the run; calling it makes a fresh instance (picklable: class path + kwargs).
+
+    ``name`` prefixes group ids (``{name}-seed{seed}``) and is the task type of metrics when ``info`` has none;
+    ``option`` names the configuration entry in error messages."""
+
+    class_path: str
+    kwargs: dict = field(default_factory=dict)
+    weight: float = 1.0
+    name: str = ""
+    option: str = "data.env_class"
+
+    def __call__(self) -> Environment:
+        return _import(self.class_path, self.option)(**self.kwargs)
+
+
+def _env_specs(env_class: str | None, env_kwargs: dict | None, envs: list[dict] | None) -> list[EnvEntry]:
+    """The run's environments from the single form (``env_class`` + ``env_kwargs``) or the mixture (``envs``)."""
+    if envs is None:
+        if env_class is None:
+            return []
+        cls = _import(env_class, "data.env_class")
+        return [EnvEntry(env_class, dict(env_kwargs or {}), 1.0, cls.__name__, "data.env_class")]
+    if env_class is not None or env_kwargs:
+        raise ValueError("set data.env_class/data.env_kwargs (one environment) or data.envs (a mixture), not both")
+    if not envs:
+        raise ValueError("data.envs: expected at least one {class_path, init_args, weight} entry, got []")
+    specs = []
+    for i, entry in enumerate(envs):
+        option = f"data.envs[{i}]"
+        if not isinstance(entry, dict) or not isinstance(entry.get("class_path"), str):
+            raise TypeError(f"{option}: expected a mapping with class_path (and optional init_args, weight, name), "
+                             f"got {entry!r}")
+        unknown = sorted(set(entry) - {"class_path", "init_args", "weight", "name"})
+        if unknown:
+            raise ValueError(f"{option}: unknown keys {unknown}; expected class_path, init_args, weight, name")
+        weight = entry.get("weight", 1.0)
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)):
+            raise TypeError(f"{option}.weight: expected a number > 0, got {weight!r}")
+        if not 0 < weight < math.inf:
+            raise ValueError(f"{option}.weight: expected a number > 0, got {weight!r}")
+        init_args = entry.get("init_args") or {}
+        if not isinstance(init_args, dict):
+            raise TypeError(f"{option}.init_args: expected a mapping of constructor arguments, got {init_args!r}")
+        cls = _import(entry["class_path"], f"{option}.class_path")
+        specs.append(EnvEntry(entry["class_path"], dict(init_args), float(weight), entry.get("name") or cls.__name__,
+                             option))
+    names = [spec.name for spec in specs]
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        raise ValueError(f"data.envs: several entries are named {repeated} (group ids and metrics use the name); "
+                         "give each entry its own `name` key")
+    return specs
+
+
+def _check_env(spec: EnvEntry, seed: int, what: str) -> None:
+    """Construct the environment and call ``reset(seed)`` once, so configuration errors surface at setup."""
+    try:
+        env = spec()
+    except Exception as err:
+        raise ValueError(f"{what}: {spec.class_path}(**{spec.kwargs!r}) failed: {type(err).__name__}: {err}") from err
+    try:
+        opening = env.reset(seed)
+    except Exception as err:
+        raise ValueError(f"{what}: {spec.class_path}(**{spec.kwargs!r}).reset({seed}) failed: "
+                         f"{type(err).__name__}: {err}") from err
+    finally:
+        close = getattr(env, "close", None)
+        if callable(close):
+            close()
+    if not isinstance(opening, list) or not opening or not all(isinstance(m, dict) for m in opening):
+        raise ValueError(f"{what}: {spec.class_path}.reset({seed}) returned {type(opening).__name__}; expected the "
+                         "opening messages as a non-empty list of {'role': ..., 'content': ...} dicts")
+
+
+def _relative_note(paths: str | list[str]) -> str:
+    items = [paths] if isinstance(paths, str) else list(paths)
+    if any(not os.path.isabs(os.path.expanduser(str(p))) for p in items):
+        return f" (relative paths are resolved against the working directory {os.getcwd()})"
+    return ""
+
+
+def _check_readable(option: str, paths: str | list[str] | None) -> None:
+    if paths is None:
+        return
+    try:
+        expand_paths(paths)
+    except FileNotFoundError as err:
+        raise FileNotFoundError(f"{option}: {err}{_relative_note(paths)}") from None
+
+
+def _check_writable(option: str, path: Path, note: str) -> None:
+    """``path`` is, or can be created as, a directory we can write into."""
+    probe = path
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
+        raise PermissionError(f"{option}: cannot write rollouts to {path}: {probe} is not a writable directory"
+                              f"{note}")
+
+
+def _pick(specs: list[EnvEntry], seed: int) -> EnvEntry:
+    """The environment of task ``seed``: drawn by weight from a generator seeded by the task seed only."""
+    if len(specs) == 1:
+        return specs[0]
+    u = random.Random(f"env-mixture:{seed}").random() * sum(spec.weight for spec in specs)
+    for spec in specs:
+        u -= spec.weight
+        if u < 0:
+            return spec
+    return specs[-1]
+
+
+def _task_metrics(rollouts: list[Rollout], prefix: str) -> dict[str, float]:
+    """``{prefix}rollout/<task_type>/success_rate`` (and ``reward_mean``); the task type is ``info["task_type"]``,
+    else the environment's name."""
+    by_type: dict[str, list[Rollout]] = {}
+    for rollout in rollouts:
+        task_type = rollout.metadata.get("task_type") or rollout.metadata.get("env") or "unknown"
+        by_type.setdefault(str(task_type), []).append(rollout)
+    metrics = {}
+    for task_type, group in sorted(by_type.items()):
+        metrics[f"{prefix}rollout/{task_type}/success_rate"] = sum(bool(r.metadata.get("success")) for r in group
+                                                                   ) / len(group)
+        metrics[f"{prefix}rollout/{task_type}/reward_mean"] = sum(r.reward for r in group) / len(group)
+    return metrics
+
+
+@dataclass
+class _Round:
+    """A generated round waiting for the step that trains its first batch, where its metrics are logged."""
+
+    first_group: int
+    stats: GenerationStats
+    samples: list[Rollout]
+    task_metrics: dict[str, float]
 
 
 class _Stream(IterableDataset):
@@ -56,45 +227,81 @@ class _Stream(IterableDataset):
 
 
 class OnlineRolloutDataModule(RolloutDataModule):
-    """Trains on rollouts the current policy generates in an environment (optionally mixed with offline data).
+    """Trains on rollouts the current policy generates in an environment, or with your own agent loop
+    (optionally mixed with offline data). Exactly one source: ``env_class``, ``envs`` or ``agent``.
 
-    Environment:
-        env_class: import path of an :class:`~lit_echo.envs.base.Environment` class.
-        env_kwargs: keyword arguments of its constructor (e.g. ``{split: train, max_turns: 8}``).
-        env_seed: base of the task seeds (see the module docstring).
-    Groups and steps:
-        group_size: G rollouts per task (GRPO group), sampled in one batch.
+    The checks that need no model run when the module is built (before the CLI loads the model): environment
+    classes import, each environment (training, and validation with ``val_env_kwargs``) is constructed and
+    ``reset`` once, ``offline_path``/``val_path`` exist and an absolute ``buffer_dir`` is writable. At setup:
+    ``trainer.max_steps`` is set (the stream is endless) and ``buffer_dir`` is writable. Each error names its
+    option.
+
+    Args:
+        env_class: import path of an Environment class (``reset(seed)``, ``step(action)``, see
+            ``lit_echo.envs.base``), e.g. ``lit_echo.envs.examples.GuessNumber``. Set this, ``envs`` or
+            ``agent``.
+        env_kwargs: keyword arguments of its constructor (None: none). Turn and observation limits are
+            not environment arguments: they are ``max_turns`` and ``max_observation_chars`` below.
+        envs: several environments in one run, instead of ``env_class``: a list of
+            ``{class_path, init_args, weight, name}`` (``init_args`` default {}, ``weight`` default 1, ``name``
+            default the class name). Each task seed picks one environment with probability proportional to its
+            weight; ``rollout/<task_type>/success_rate`` is logged per task type (``info["task_type"]``, else
+            the name).
+        agent: your own agent loop instead of an environment: a callable (or its import path)
+            ``agent(model, tokenizer, seed, group_size, temperature) -> list[Rollout]`` called once per group
+            (see ``lit_echo.online.agent``).
+        env_seed: base of the task seeds: group n of rank r (of W ranks) plays ``env_seed + n * W + r``.
+        group_size: rollouts per task (the GRPO group), sampled together.
         groups_per_step: tasks per optimizer step; a step trains on ``groups_per_step * group_size`` online
             rollouts.
-        generate_every: K, optimizer steps per generation round; a round generates K steps' worth of groups.
-        batch_size: rollouts per step; None derives it (online + offline rows); a given value must match.
-    Sampling (see :class:`~lit_echo.online.generator.SamplingSettings`):
-        The temperature is the model's ``temperature`` (``model.temperature`` in YAML): the trainer recomputes
-        ACTION log-probs at it, so sampling at any other would make the PPO ratio wrong.
-        top_p, max_new_tokens, max_turns, max_total_tokens, max_observation_chars, env_step_timeout_s.
-    Storage:
-        buffer_dir: every rollout is appended to ``buffer_dir/rollouts-rank{R}.jsonl`` (one file per global
-            rank; relative paths are taken from the working directory); None keeps nothing.
-    Offline mix:
-        offline_path: an offline buffer (file, directory or glob) mixed into every step.
+        generate_every: optimizer steps per generation round; a round generates that many steps' worth of
+            groups.
+        batch_size: rollouts per step; None derives it (online + offline rows); a given value must
+            match.
+        top_p: nucleus sampling (1.0 samples the full distribution). The temperature is the
+            model's ``temperature``: the trainer recomputes ACTION log-probs at it, so sampling at any other
+            would make the PPO ratio wrong.
+        max_new_tokens: tokens sampled per assistant turn at most.
+        max_turns: assistant turns per rollout at most (the environment may end it sooner).
+        max_total_tokens: no turn starts or grows past this many tokens in the conversation.
+        max_observation_chars: longer observations are cut, with a visible notice.
+        env_step_timeout_s: seconds one ``env.step`` may take; the rollout ends with an error after it (None:
+            no limit).
+        env_isolation: where environment steps run: "thread" (worker threads of this process) or
+            "process" (worker processes with a killable time limit).
+        buffer_dir: every rollout is appended to ``buffer_dir/rollouts-rank{R}.jsonl`` (one file per global rank);
+            a relative path is taken under ``trainer.default_root_dir``. None keeps nothing.
+        offline_path: an offline buffer (file, directory or glob; relative to the working directory) mixed into
+            every step.
         offline_ratio: share of each step's rows taken from ``offline_path`` (0 <= r < 1).
-    Validation (either, not both):
-        val_path: an offline held-out buffer (as in :class:`RolloutDataModule`).
-        val_env_kwargs: constructor kwargs of a held-out environment (e.g. ``{split: heldout_trees}``); each
-            validation generates ``val_episodes`` rollouts on seeds ``val_seed + k`` (split across ranks), logs
-            ``val_rollout/*`` and computes ``val/world_nll`` on them. ``val_temperature`` None: the training one.
-    Logging:
+        val_path: an offline held-out buffer for validation (relative to the working directory); not together
+            with ``val_env_kwargs``.
+        val_env_kwargs: validate by playing held-out tasks: constructor arguments merged over ``env_kwargs``
+            (over each entry's ``init_args`` with ``envs``), e.g. ``{split: heldout}``; ``{}`` plays the training
+            environment on the validation seeds. Each validation generates ``val_episodes`` rollouts on seeds
+            ``val_seed + k`` (split across ranks) and logs ``val/rollout/*``.
+        val_episodes: rollouts per validation with ``val_env_kwargs``.
+        val_seed: first task seed of validation.
+        val_temperature: sampling temperature of validation; None: the model's temperature.
         log_samples: rollouts per generation round shown as TensorBoard text (``rollouts/sample_i``).
-
-    The remaining arguments are :class:`RolloutDataModule`'s (``shuffle``, ``shuffle_buffer``, ``seed`` apply to
-    the offline buffer; ``max_length``/``truncation`` to batches).
+        tokenizer: the policy's tokenizer; the CLI links it to ``model.model_name_or_path``.
+        val_batch_size: rollouts per validation batch; None: ``batch_size``.
+        max_length: tokens per rollout in a batch after truncation (None: no limit).
+        truncation: "right" keeps the first ``max_length`` tokens; "drop" leaves over-long rollouts out.
+        shuffle: shuffle the offline buffer (``offline_path``).
+        shuffle_buffer: records held for the offline shuffle.
+        seed: seed of the offline shuffle.
+        num_workers: must be 0: generation runs in the main process with the model being trained.
+        on_bad_record: bad records in the offline buffers: "raise" or "skip".
+        grpo_scale_by_std: GRPO advantages divided by the group's std (True) or Dr. GRPO (False).
     """
 
-    def __init__(self, env_class: str = "lit_echo.envs.shellworld.ShellWorld", env_kwargs: dict | None = None,
-                 env_seed: int = 0, group_size: int = 8, groups_per_step: int = 1, generate_every: int = 1,
-                 batch_size: int | None = None, top_p: float = 1.0,
-                 max_new_tokens: int = 256, max_turns: int = 8, max_total_tokens: int = 4096,
-                 max_observation_chars: int = 4000, env_step_timeout_s: float | None = 30.0,
+    def __init__(self, env_class: str | None = None, env_kwargs: dict | None = None,
+                 envs: list[dict[str, Any]] | None = None, agent: Callable | str | None = None, env_seed: int = 0,
+                 group_size: int = 8, groups_per_step: int = 1, generate_every: int = 1,
+                 batch_size: int | None = None, top_p: float = 1.0, max_new_tokens: int = 256, max_turns: int = 8,
+                 max_total_tokens: int = 4096, max_observation_chars: int = 4000,
+                 env_step_timeout_s: float | None = 30.0, env_isolation: Literal["thread", "process"] = "thread",
                  buffer_dir: str | None = "rollouts", offline_path: str | list[str] | None = None,
                  offline_ratio: float = 0.0, val_path: str | list[str] | None = None,
                  val_env_kwargs: dict | None = None, val_episodes: int = 16, val_seed: int = 0,
@@ -106,23 +313,52 @@ class OnlineRolloutDataModule(RolloutDataModule):
         for name, value in (("group_size", group_size), ("groups_per_step", groups_per_step),
                             ("generate_every", generate_every), ("val_episodes", val_episodes)):
             if value < 1:
-                raise ValueError(f"{name}: expected >= 1, got {value}")
+                raise ValueError(f"data.{name}: expected >= 1, got {value}")
         if not 0 <= offline_ratio < 1:
-            raise ValueError(f"offline_ratio: expected 0 <= r < 1, got {offline_ratio}")
+            raise ValueError(f"data.offline_ratio: expected 0 <= r < 1, got {offline_ratio}")
         if offline_ratio > 0 and offline_path is None:
-            raise ValueError("offline_ratio > 0 needs offline_path (the offline buffer to mix in)")
+            raise ValueError("data.offline_ratio > 0 needs data.offline_path (the offline buffer to mix in)")
         if val_path is not None and val_env_kwargs is not None:
-            raise ValueError("set val_path (offline held-out buffer) or val_env_kwargs (held-out environment), "
-                             "not both")
+            raise ValueError("set data.val_path (offline held-out buffer) or data.val_env_kwargs (held-out "
+                             "environment), not both")
         if num_workers != 0:
             raise ValueError("OnlineRolloutDataModule generates in the main process with the model being trained; "
-                             f"num_workers must be 0, got {num_workers}")
+                             f"data.num_workers must be 0, got {num_workers}")
+        if env_isolation != "thread" and "env_isolation" not in SamplingSettings.__dataclass_fields__:
+            raise NotImplementedError(f"data.env_isolation={env_isolation!r}: this version runs environment steps "
+                                      "in threads only")
+        self.env_specs = _env_specs(env_class, env_kwargs, envs)
+        if agent is not None and self.env_specs:
+            raise ValueError("set data.agent (your own agent loop) or an environment (data.env_class / data.envs), "
+                             "not both")
+        if agent is None and not self.env_specs:
+            raise ValueError("no rollout source: set data.env_class (an Environment class), data.envs (a weighted "
+                             "mixture) or data.agent (your own agent loop)")
+        self.agent = _import(agent, "data.agent") if isinstance(agent, str) else agent
+        if self.agent is not None and not callable(self.agent):
+            raise TypeError(f"data.agent: expected a callable, got {type(self.agent).__name__}")
+        if val_env_kwargs is not None and agent is not None:
+            raise ValueError("data.val_env_kwargs needs an environment; with data.agent validate on data.val_path")
+        # Validation environments: val_env_kwargs over the training kwargs, so a split or a game directory is all
+        # that changes.
+        self.val_env_specs = [] if val_env_kwargs is None else [
+            replace(spec, kwargs={**spec.kwargs, **val_env_kwargs}) for spec in self.env_specs]
+        for spec in self.env_specs:
+            what = spec.option if spec.option != "data.env_class" else "data.env_class/data.env_kwargs"
+            _check_env(spec, env_seed, what)
+        for spec in self.val_env_specs:
+            _check_env(spec, val_seed, f"data.val_env_kwargs (merged over the training kwargs of {spec.option})")
+        _check_readable("data.offline_path", offline_path)
+        _check_readable("data.val_path", val_path)
+        if buffer_dir is not None and os.path.isabs(os.path.expanduser(buffer_dir)):
+            _check_writable("data.buffer_dir", Path(buffer_dir).expanduser(), "")
+
         online = groups_per_step * group_size
         # Offline rows so that they are ``offline_ratio`` of the step: off / (online + off) = r.
         offline = round(online * offline_ratio / (1 - offline_ratio))
         if batch_size is not None and batch_size != online + offline:
-            raise ValueError(f"batch_size={batch_size} does not match groups_per_step * group_size = {online} online "
-                             f"+ {offline} offline rows (offline_ratio={offline_ratio}); leave batch_size unset")
+            raise ValueError(f"data.batch_size={batch_size} does not match groups_per_step * group_size = {online} "
+                             f"online + {offline} offline rows (offline_ratio={offline_ratio}); leave it unset")
         batch_size = online + offline
         super().__init__(train_path=None, val_path=val_path, tokenizer=tokenizer, batch_size=batch_size,
                          val_batch_size=val_batch_size, max_length=max_length, truncation=truncation,
@@ -133,28 +369,56 @@ class OnlineRolloutDataModule(RolloutDataModule):
         self.hparams.update(batch_size=batch_size, train_path=None, repeat=True)
         self.online_per_step = online
         self.offline_per_step = offline
-        self.env_type = import_env_class(env_class)  # fail at configuration time, not at the first batch
-        self.groups_generated = 0  # on this rank; checkpointed so a resumed run plays new tasks
-        self._generator: GroupGenerator | None = None
-        self._val_generator: GroupGenerator | None = None
+        self.run_id = uuid.uuid4().hex[:12]  # rank 0's is broadcast at setup; a resume restores the checkpoint's
+        self.groups_generated = 0  # on this rank, including prefetched groups
+        self.groups_trained = 0  # groups of the batches handed to training_step; checkpointed
+        self._resumed = False
+        self._rounds: deque[_Round] = deque()
+        self._generators: dict[str, GroupGenerator] = {}
+        self._val_generators: dict[str, GroupGenerator] = {}
         self._writer: RolloutWriter | None = None
 
     # ------------------------------------------------------------------ checkpoint state
     def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "groups_generated": self.groups_generated}
+        return {**super().state_dict(), "groups_trained": self.groups_trained, "run_id": self.run_id}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
-        self.groups_generated = int(state_dict.get("groups_generated", 0))
+        # Checkpoints written before exactly-once bookkeeping hold only the generated count.
+        self.groups_trained = int(state_dict.get("groups_trained", state_dict.get("groups_generated", 0)))
+        self.groups_generated = self.groups_trained
+        if "run_id" in state_dict:
+            self.run_id = str(state_dict["run_id"])
+            self._resumed = True
+
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        # Runs just before the step that trains on ``batch`` (not at prefetch time): its groups are trained now.
+        trainer = getattr(self, "trainer", None)
+        if trainer is not None and trainer.training:
+            while self._rounds and self._rounds[0].first_group < self.groups_trained:
+                self._rounds.popleft()  # never trained (cannot happen in order; kept safe)
+            if self._rounds and self._rounds[0].first_group == self.groups_trained:
+                self._log_round(self._rounds.popleft())
+            self.groups_trained += self.hparams.groups_per_step
+        return super().on_before_batch_transfer(batch, dataloader_idx)
 
     # ------------------------------------------------------------------ wiring
-    def _env_factory(self, kwargs: dict | None):
-        cls, kwargs = self.env_type, dict(kwargs or {})
+    def setup(self, stage: str | None = None) -> None:
+        trainer = self.trainer
+        if stage == "fit":
+            if trainer.max_steps is None or trainer.max_steps < 0:
+                raise ValueError("trainer.max_steps is not set: the online stream is endless, so a fit needs "
+                                 "trainer.max_steps (e.g. --trainer.max_steps 100)")
+            if self.hparams.buffer_dir is not None:
+                note = ("" if os.path.isabs(os.path.expanduser(self.hparams.buffer_dir)) else
+                        f" (a relative buffer_dir is taken under trainer.default_root_dir={trainer.default_root_dir})")
+                _check_writable("data.buffer_dir", self._buffer_dir(), note)
+        self.run_id = trainer.strategy.broadcast(self.run_id, src=0)
+        super().setup(stage)
 
-        def make() -> Environment:
-            return cls(**kwargs)
-
-        return make
+    def _buffer_dir(self) -> Path:
+        path = Path(self.hparams.buffer_dir).expanduser()
+        return path if path.is_absolute() else Path(self.trainer.default_root_dir) / path
 
     def _policy(self):
         module = self.trainer.lightning_module
@@ -172,75 +436,111 @@ class OnlineRolloutDataModule(RolloutDataModule):
 
     def _settings(self, temperature: float) -> SamplingSettings:
         h = self.hparams
-        return SamplingSettings(temperature=temperature, top_p=h.top_p, max_new_tokens=h.max_new_tokens,
-                                max_turns=h.max_turns, max_total_tokens=h.max_total_tokens,
-                                max_observation_chars=h.max_observation_chars,
-                                env_step_timeout_s=h.env_step_timeout_s)
+        kwargs: dict[str, Any] = {"temperature": temperature, "top_p": h.top_p, "max_new_tokens": h.max_new_tokens,
+                                  "max_turns": h.max_turns, "max_total_tokens": h.max_total_tokens,
+                                  "max_observation_chars": h.max_observation_chars,
+                                  "env_step_timeout_s": h.env_step_timeout_s}
+        if "env_isolation" in SamplingSettings.__dataclass_fields__:
+            kwargs["env_isolation"] = h.env_isolation
+        return SamplingSettings(**kwargs)
 
     def _forward_context(self):
         strategy = getattr(self.trainer, "strategy", None)
         plugin = getattr(strategy, "precision_plugin", None)
         return plugin.forward_context() if plugin is not None else nullcontext()
 
+    def _untrained(self, record: dict) -> bool:
+        """A record of this run whose group was not in a trained batch (see "Exactly once")."""
+        meta = record.get("metadata")
+        return (isinstance(meta, dict) and meta.get("run_id") == self.run_id
+                and isinstance(meta.get("group_index"), int) and meta["group_index"] >= self.groups_trained)
+
     # ------------------------------------------------------------------ training stream
     def train_dataloader(self) -> DataLoader:
-        h = self.hparams
-        self._generator = GroupGenerator(self._env_factory(h.env_kwargs), self.tokenizer,
-                                         self._settings(self._temperature()))
-        if h.buffer_dir is not None and self._writer is None:
-            path = os.path.join(h.buffer_dir, f"rollouts-rank{self.trainer.global_rank}.jsonl")
-            self._writer = RolloutWriter(path)
+        settings = self._settings(self._temperature())
+        self._generators = {spec.name: GroupGenerator(spec, self.tokenizer, settings) for spec in self.env_specs}
+        if self.hparams.buffer_dir is not None and self._writer is None:
+            self._writer = RolloutWriter(self._buffer_dir() / f"rollouts-rank{self.trainer.global_rank}.jsonl")
+            if self._resumed:
+                moved = self._writer.set_aside_tail(self._untrained)
+                if moved:
+                    log.info("resumed at group %d: %d records generated after the checkpoint set aside in %s",
+                             self.groups_trained, moved, self._writer.path.name + ".untrained")
         return DataLoader(_Stream(self._training_items), batch_size=self.hparams.batch_size,
                           collate_fn=self.collator(), num_workers=0)
 
     def _training_items(self) -> Iterator[Rollout | BufferItem]:
         offline = None
         if self.offline_per_step:
-            # Endless, shuffled and sharded by rank like RolloutDataModule's training stream (repeat=True).
-            offline = iter(self._buffer(self.hparams.offline_path))
+            # Endless, shuffled and sharded by rank like RolloutDataModule's training stream; a resumed run skips
+            # the offline rows of the steps already trained.
+            offline = iter(self._buffer(self.hparams.offline_path, skip_batches=self.batches_trained,
+                                        batch_size=self.offline_per_step))
         while True:
-            steps = self._generate_round()
-            for rollouts in steps:
+            for rollouts in self._generate_round():
                 yield from rollouts
                 for _ in range(self.offline_per_step):
                     yield next(offline)
 
     def _generate_round(self) -> list[list[Rollout]]:
-        """``generate_every`` steps' worth of online rollouts, one list per step, written and logged."""
+        """``generate_every`` steps' worth of online rollouts, one list per step, written; the round's metrics
+        wait for the step that trains its first batch."""
         h = self.hparams
-        trainer = self.trainer
-        rank, world = trainer.global_rank, trainer.world_size
-        model = self._policy()
+        first_group = self.groups_generated
         stats = GenerationStats()
         steps: list[list[Rollout]] = []
         for _ in range(h.generate_every):
             step_rollouts: list[Rollout] = []
             for _ in range(h.groups_per_step):
-                seed = h.env_seed + self.groups_generated * world + rank
-                with self._forward_context():
-                    rollouts, group_stats = self._generator.generate_group(
-                        model, seed, h.group_size, group_id=f"{self.env_type.__name__}-seed{seed}",
-                        policy_version=trainer.global_step)
-                advantages = grpo_advantages([r.reward for r in rollouts], [r.group_id for r in rollouts],
-                                             scale_by_std=h.grpo_scale_by_std)
-                for rollout, advantage in zip(rollouts, advantages):
-                    rollout.advantage = advantage
-                if self._writer is not None:
-                    self._writer.write_group(rollouts)
+                rollouts, group_stats = self._generate_group(self.groups_generated)
                 self.groups_generated += 1
                 stats += group_stats
                 step_rollouts.extend(rollouts)
             steps.append(step_rollouts)
-        log_generation(trainer, stats, steps[0][:h.log_samples], self.tokenizer)
+        everything = [r for step in steps for r in step]
+        self._rounds.append(_Round(first_group, stats, steps[0][:h.log_samples], _task_metrics(everything, "")))
         return steps
+
+    def _generate_group(self, index: int) -> tuple[list[Rollout], GenerationStats]:
+        """Group ``index`` of this rank: sampled, given GRPO advantages and bookkeeping metadata, and stored."""
+        h = self.hparams
+        trainer = self.trainer
+        seed = h.env_seed + index * trainer.world_size + trainer.global_rank
+        with self._forward_context():
+            if self.agent is not None:
+                rollouts, stats = run_agent(self.agent, self._policy(), self.tokenizer, seed=seed,
+                                            group_size=h.group_size, temperature=self._temperature(),
+                                            group_id=f"agent-seed{seed}", policy_version=trainer.global_step)
+            else:
+                spec = _pick(self.env_specs, seed)
+                rollouts, stats = self._generators[spec.name].generate_group(
+                    self._policy(), seed, h.group_size, group_id=f"{spec.name}-seed{seed}",
+                    policy_version=trainer.global_step)
+                for rollout in rollouts:
+                    rollout.metadata["env"] = spec.name
+        advantages = grpo_advantages([r.reward for r in rollouts], [r.group_id for r in rollouts],
+                                     scale_by_std=h.grpo_scale_by_std)
+        for rollout, advantage in zip(rollouts, advantages):
+            rollout.advantage = advantage
+            rollout.metadata.update(group_index=index, train_step=index // h.groups_per_step, run_id=self.run_id)
+        if self._writer is not None:
+            self._writer.write_group(rollouts)
+        return rollouts, stats
+
+    def _log_round(self, generated: _Round, prefix: str = "") -> None:
+        trainer = self.trainer
+        log_generation(trainer, generated.stats, generated.samples, self.tokenizer, prefix=prefix)
+        for logger in trainer.loggers if generated.task_metrics else ():
+            logger.log_metrics(generated.task_metrics, step=trainer.global_step)
 
     # ------------------------------------------------------------------ validation
     def val_dataloader(self) -> DataLoader | list:
         h = self.hparams
-        if h.val_env_kwargs is None:
+        if not self.val_env_specs:
             return super().val_dataloader()
-        self._val_generator = GroupGenerator(self._env_factory(h.val_env_kwargs), self.tokenizer,
-                                             self._settings(self._temperature(h.val_temperature)))
+        settings = self._settings(self._temperature(h.val_temperature))
+        self._val_generators = {spec.name: GroupGenerator(spec, self.tokenizer, settings)
+                                for spec in self.val_env_specs}
         return DataLoader(_Stream(self._validation_items), batch_size=h.val_batch_size or h.batch_size,
                           collate_fn=self.collator(), num_workers=0)
 
@@ -251,22 +551,34 @@ class OnlineRolloutDataModule(RolloutDataModule):
         trainer = self.trainer
         rank, world = trainer.global_rank, trainer.world_size
         stats = GenerationStats()
-        samples: list[Rollout] = []
+        generated: list[Rollout] = []
         try:
             for k in range(math.ceil(h.val_episodes / world)):
                 seed = h.val_seed + k * world + rank
+                spec = _pick(self.val_env_specs, seed)
                 with self._forward_context():
-                    rollouts, group_stats = self._val_generator.generate_group(
-                        self._policy(), seed, 1, group_id=f"val-{self.env_type.__name__}-seed{seed}",
+                    rollouts, group_stats = self._val_generators[spec.name].generate_group(
+                        self._policy(), seed, 1, group_id=f"val-{spec.name}-seed{seed}",
                         policy_version=trainer.global_step)
+                for rollout in rollouts:
+                    rollout.metadata["env"] = spec.name
                 stats += group_stats
-                samples.extend(rollouts[: max(0, h.log_samples - len(samples))])
+                generated.extend(rollouts)
                 yield from rollouts
         finally:  # also when the loop stops early (limit_val_batches): log what was generated
             if stats.rollouts:
-                log_generation(trainer, stats, samples, self.tokenizer, prefix="val_")
+                self._log_round(_Round(0, stats, generated[:h.log_samples], _task_metrics(generated, "val/")),
+                                prefix="val/")
 
     def teardown(self, stage: str) -> None:
         if self._writer is not None:
+            if stage == "fit":
+                # Groups prefetched for steps that did not run (see "Exactly once").
+                self._writer.set_aside_tail(self._untrained)
             self._writer.close()
             self._writer = None
+        for generator in [*self._generators.values(), *self._val_generators.values()]:
+            close = getattr(generator, "close", None)  # GroupGenerator.close releases environment instances
+            if callable(close):
+                close()
+        self._generators, self._val_generators = {}, {}
