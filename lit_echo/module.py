@@ -401,13 +401,13 @@ class EchoModule(L.LightningModule):
         """Load a checkpoint of this module: the adapter tensors; the frozen base stays as it was loaded.
 
         Checkpoints leave the frozen base out on purpose (``on_save_checkpoint``), so its keys are not reported
-        as missing (Lightning would warn about each); a missing adapter tensor, or an unexpected key with
-        ``strict``, raises.
+        as missing (Lightning would warn about each). A missing adapter tensor or an unexpected key (another LoRA
+        layout) raises whatever ``strict`` says: training on from a partial load would be silently wrong.
         """
         result = super().load_state_dict(state_dict, strict=False, assign=assign)
         trainable = {f"model.{name}" for name, _ in models.trainable_parameters(self.model)}
         missing = [key for key in result.missing_keys if key in trainable]
-        if missing or (strict and result.unexpected_keys):
+        if missing or result.unexpected_keys:
             raise RuntimeError(f"{type(self).__name__}.load_state_dict: {len(missing)} adapter tensors missing "
                                f"(e.g. {missing[:1]}), {len(result.unexpected_keys)} unexpected keys "
                                f"(e.g. {result.unexpected_keys[:1]}): other LoRA settings (rank, target modules) "
