@@ -96,8 +96,8 @@ def test_help_describes_every_data_option(data_class, capsys):
 
 def test_only_working_subcommands_are_offered(capsys):
     main_help = _help(capsys)
-    assert re.search(r"^\s+fit\s", main_help, re.M) and re.search(r"^\s+validate\s", main_help, re.M)
-    assert not re.search(r"^\s+(test|predict)\s", main_help, re.M)
+    assert re.search(r"^\s+fit\s", main_help, re.MULTILINE) and re.search(r"^\s+validate\s", main_help, re.MULTILINE)
+    assert not re.search(r"^\s+(test|predict)\s", main_help, re.MULTILINE)
     flat = " ".join(main_help.split())
     assert "lit-echo evaluate --help" in flat and "lit-echo export --help" in flat
     with pytest.raises(SystemExit) as exit_info:
