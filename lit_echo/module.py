@@ -86,8 +86,9 @@ class EchoModule(L.LightningModule):
         world_step_size: optimizer steps between the "step" schedule's decays.
         policy_coef: weight of the policy-gradient loss; 0 = verifier-free world-model-only training.
         world_target: tokens of the world loss: "env_only" (OBSERVATION) or "all" (OBSERVATION and WARNING).
-        world_norm: normalizer of the world loss: "full_observation" (per observation, then over the step),
-            "selected" (over the selected observation tokens of the step) or "token_mean".
+        world_norm: normalizer of the world loss: "full_observation" (each sequence's sum over all its
+            observation tokens, ECHO's and PaW's setting), "selected" (over its selected observation tokens) or
+            "token_mean" (over the selected observation tokens of the whole step).
         policy_agg: aggregation of the per-token policy loss: "token_mean", "seq_mean_token_mean",
             "seq_mean_token_sum" or "seq_mean_token_sum_norm".
         clip_low: PPO clip range below 1 (ratio >= 1 - clip_low).
