@@ -1,6 +1,6 @@
 """Held-out evaluation of a policy: agent success in an environment and world-model quality on held-out rollouts.
 
-    python -m lit_echo.evaluate --model smollm2-135m-instruct --adapter runs/shellworld-sft/adapter \\
+    lit-echo evaluate --model smollm2-135m-instruct --adapter runs/shellworld-sft/adapter \\
         --env-kwargs '{"split": "heldout_trees"}' --seeds 0:8 --samples 8 \\
         --world-buffer data/shellworld/expert-heldout_trees.jsonl.gz --out eval.json
 
@@ -69,8 +69,9 @@ def world_metrics(policy, tokenizer, buffer: str, batch_size: int = 8, max_lengt
             "world_tokens": int(sums[2].item())}
 
 
-def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv: list[str] | None = None, prog: str | None = None) -> dict:
+    """Run the evaluation (``lit-echo evaluate ...`` or ``python -m lit_echo.evaluate ...``); returns the results."""
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2-135m-instruct")
     parser.add_argument("--adapter", default=None, help="LoRA adapter directory (peft format)")
     parser.add_argument("--env-class", default="lit_echo.envs.shellworld.ShellWorld")

