@@ -23,9 +23,11 @@ others go on. See :mod:`lit_echo.experiments.grid` for the arms and how the size
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import logging
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -44,6 +46,7 @@ log = logging.getLogger("lit_echo.experiments")
 
 DONE = "done.json"
 OUTPUTS = ("results.csv", "results.png", "results.md")
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
 class StageFailed(RuntimeError):
@@ -59,6 +62,15 @@ class Summary:
     failures: list[str] = field(default_factory=list)
 
 
+def _die_with_parent() -> None:
+    """In the child, before exec: ask Linux to kill it when the grid process dies (even by SIGKILL), so a killed
+    grid leaves no orphan run writing into a directory the next invocation starts over."""
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):  # not Linux: a killed grid may leave its current run to finish alone
+        pass
+
+
 def fit(config: dict, root: Path) -> float:
     """``lit-echo fit`` over ``config`` in a fresh process (its own memory, a crash stays there); seconds taken.
 
@@ -72,7 +84,8 @@ def fit(config: dict, root: Path) -> float:
     started = time.perf_counter()
     with open(root / "fit.log", "w") as out:
         process = subprocess.run([sys.executable, "-m", "lit_echo.cli", "fit", "--config", str(config_path)],
-                                 stdout=out, stderr=subprocess.STDOUT)
+                                 check=False, stdout=out, stderr=subprocess.STDOUT,
+                                 preexec_fn=_die_with_parent)
     seconds = round(time.perf_counter() - started, 1)
     if process.returncode != 0:
         tail = (root / "fit.log").read_text(errors="replace")[-2000:]
@@ -163,8 +176,9 @@ class Grid:
 
     def report(self, publish: Path | None = None) -> None:
         spec = self.spec
-        title = (f"ShellWorld, {spec.model}: {spec.online_steps} online steps x {spec.groups_per_step * spec.group_size}"
-                 f" rollouts from a {spec.warm_start_steps}-step warm start; {len(spec.seeds)} training seed(s)")
+        title = (f"ShellWorld, {spec.model}: {spec.online_steps} online steps x "
+                 f"{spec.groups_per_step * spec.group_size} rollouts from a {spec.warm_start_steps}-step warm start; "
+                 f"{len(spec.seeds)} training seed(s)")
         plot(self.results.rows, self.arms, self.out / "results.png", title)
         (self.out / "results.md").write_text(self._table_text(title))
         if publish is not None:

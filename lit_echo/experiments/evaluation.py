@@ -50,6 +50,29 @@ def _world(policy, tokenizer, buffer: Path, prefix: str, max_length: int) -> dic
             f"{prefix}_world_tokens": tokens}
 
 
+def _play(policy, tokenizer, spec: GridSpec, split: str, path: Path) -> dict[str, float]:
+    """Agent metrics on ``split``; the episodes are appended to ``path``."""
+    torch.manual_seed(spec.eval_torch_seed)  # every point samples from the same random stream
+    writer = RolloutWriter(path)
+    successes: list[int] = []  # per task
+    episodes: list[int] = []
+
+    def keep(seed: int, rollouts) -> None:
+        writer.write_group(rollouts)
+        successes.append(sum(bool(r.metadata.get("success")) for r in rollouts))
+        episodes.append(len(rollouts))
+
+    try:
+        agent = agent_metrics(policy, tokenizer, ENV_CLASS, {"split": split}, range(spec.eval_tasks),
+                              spec.eval_samples, sampling_settings(spec), on_group=keep)
+    finally:
+        writer.close()
+    low, high = task_bootstrap_interval(successes, episodes)
+    return {f"{split}_success": agent["success_rate"], f"{split}_success_low": low,
+            f"{split}_success_high": high, f"{split}_episodes": agent["rollouts"], f"{split}_tasks": len(episodes),
+            f"{split}_valid_action_rate": agent["valid_action_rate"], f"{split}_turns_mean": agent["turns_mean"]}
+
+
 def evaluate_point(spec: GridSpec, adapter: Path, point_dir: Path, expert_buffer: Path) -> dict[str, float]:
     """All :data:`METRIC_COLUMNS` of the policy ``spec.model`` + ``adapter``; episodes written under
     ``point_dir`` (emptied first: what an interrupted evaluation left there is not reused)."""
@@ -61,30 +84,10 @@ def evaluate_point(spec: GridSpec, adapter: Path, point_dir: Path, expert_buffer
     policy = load_policy(spec.model, str(adapter))
     device = "cuda" if torch.cuda.is_available() else "cpu"
     policy.to(device)
-    settings = sampling_settings(spec)
     row: dict[str, float] = {}
     with torch.autocast(device, dtype=torch.bfloat16, enabled=spec.precision == "bf16-mixed"):
         for split in EVAL_SPLITS:
-            torch.manual_seed(spec.eval_torch_seed)  # every point samples from the same random stream
-            writer = RolloutWriter(point_dir / f"{split}.jsonl")
-            successes: list[int] = []
-            episodes: list[int] = []
-
-            def keep(seed: int, rollouts) -> None:
-                writer.write_group(rollouts)
-                successes.append(sum(bool(r.metadata.get("success")) for r in rollouts))
-                episodes.append(len(rollouts))
-
-            try:
-                agent = agent_metrics(policy, tokenizer, ENV_CLASS, {"split": split}, range(spec.eval_tasks),
-                                      spec.eval_samples, settings, on_group=keep)
-            finally:
-                writer.close()
-            low, high = task_bootstrap_interval(successes, episodes)
-            row.update({f"{split}_success": agent["success_rate"], f"{split}_success_low": low,
-                        f"{split}_success_high": high, f"{split}_episodes": agent["rollouts"],
-                        f"{split}_tasks": len(episodes), f"{split}_valid_action_rate": agent["valid_action_rate"],
-                        f"{split}_turns_mean": agent["turns_mean"]})
+            row.update(_play(policy, tokenizer, spec, split, point_dir / f"{split}.jsonl"))
         row.update(_world(policy, tokenizer, expert_buffer, "expert", spec.max_length))
         row.update(_world(policy, tokenizer, point_dir, "own", spec.max_length))
     row["eval_seconds"] = round(time.perf_counter() - started, 1)

@@ -100,10 +100,13 @@ def markdown_table(rows: Sequence[Row], arms: Sequence[Arm]) -> str:
 
 def plot(rows: Sequence[Row], arms: Sequence[Arm], path: Path, title: str) -> None:
     """Write the PNG of :data:`PLOT_PANELS` (matplotlib, Agg backend: no display needed)."""
-    import matplotlib
-
+    try:
+        import matplotlib
+    except ImportError as err:
+        raise ImportError("the comparison plot needs matplotlib: pip install matplotlib") from err
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     fig, axes = plt.subplots(2, 2, figsize=(12, 8), sharex=True)
     for ax, (column, panel_title) in zip(axes.flat, PLOT_PANELS):
@@ -118,6 +121,7 @@ def plot(rows: Sequence[Row], arms: Sequence[Arm], path: Path, title: str) -> No
             ax.fill_between(steps, scale * lows, scale * highs, color=color, alpha=0.15, linewidth=0)
         ax.set_title(panel_title + (" (%)" if column.endswith("_success") else ""))
         ax.grid(alpha=0.3)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     for ax in axes[1]:
         ax.set_xlabel("online step")
     handles, labels = axes.flat[0].get_legend_handles_labels()
