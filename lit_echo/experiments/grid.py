@@ -5,9 +5,42 @@ so a run can be repeated by hand. All online runs start from the same warm-start
 task seeds (``env_seed``) and differ only in the arm's ``model`` overrides and the training seed
 (``seed_everything``: sampling during generation).
 
-Sizes of the full grid
-----------------------
-SIZING (filled in from the measurements below).
+Sizes of the full grid (:data:`FULL`) and how they were chosen
+--------------------------------------------------------------
+Target: about 2 hours on 2 CPU cores (avx512_bf16, bf16 autocast) once the generation (~4x) and training (~1.3x)
+speed-ups of the fast-online-loop work are in. Figures per unit, SmolLM2-135M + LoRA r=16, G=8, up to 4 turns of
+48 tokens:
+
+===========================  ==============  ===============  =====================================================
+unit                         current (idle)  expected (idle)  source
+===========================  ==============  ===============  =====================================================
+warm-start step (8 rows)     ~13 s           ~10 s            README: 60 steps in 13 min 22 s
+online step (1 group of 8)   ~32 s           ~15 s            README demo: 16 steps in 9 min 19 s; about half of it
+                                                              is generation (probe below), 4x and 1.3x applied
+evaluated episode            ~2.7 s          ~0.7 s           probe: 32 episodes + world metrics = 680 s under 8x
+                                                              contention; generation-bound, so 4x applied
+===========================  ==============  ===============  =====================================================
+
+The probes (``OMP_NUM_THREADS=1``, a machine shared by 8 sessions, load 8-17 on 2 cores) took 100 s per
+warm-start step, against 13 s idle: a contention factor of about 8, used to turn the probe's 21 s per evaluated
+episode and 107-143 s per generated group of 8 (warm-started policy, 3.1-3.3 turns per episode) into idle figures.
+They are estimates, not measurements on an idle machine.
+
+Choice: warm start 30 steps (half the demo's, to leave room to improve); 16 online steps of one group of 8 per
+run, evaluated at steps 8 and 16 (plus the shared warm start at step 0); per point 25 tasks x 4 episodes on each
+held-out split (200 episodes over 50 tasks). Arithmetic:
+
+* warm start: 30 x 13 s = 6.5 min now, 30 x 10 s = 5 min expected;
+* online: 15 runs x 16 steps = 240 steps, plus ~20 s start-up per run: 240 x 32 s + 300 s = 2.2 h now,
+  240 x 15 s + 300 s = 1.1 h expected;
+* evaluation: (15 runs x 2 + 1) points x 200 episodes = 6,200 episodes: 4.7 h now, 1.2 h expected;
+* total: about 7 h now, about 2.4 h expected. Evaluating only the last step (``eval_every=16``) saves ~0.5 h
+  expected, at the cost of the curve's mid-point; each further 8 online steps per run add ~0.5 h plus ~0.3 h of
+  evaluation.
+
+Evaluation dominates; it is the price of 200 episodes per point. 16 steps x 8 rollouts is as much online
+experience as the README demo, whose success change was within noise, so a first sitting should check that the
+masking arm moves at all (``--arms mask --seeds 0``) before spending the rest of the grid.
 """
 
 from __future__ import annotations
@@ -64,7 +97,8 @@ class GridSpec:
     ``warm_start_steps`` of ``warm_start_batch`` expert rollouts at ``warm_start_lr``.
     Online runs: ``online_steps`` optimizer steps of ``groups_per_step`` groups of ``group_size`` rollouts at
     ``lr``; the adapter is exported every ``eval_every`` steps; task seeds from ``env_seed``; training seeds
-    ``seeds``.
+    ``seeds``; ``micro_batch_size`` rows per forward/backward (None: the whole step at once; same update, less
+    memory).
     Sampling (training and evaluation alike): ``temperature``, ``max_new_tokens`` per turn, ``max_turns``,
     ``max_total_tokens``, ``max_observation_chars``; ``max_length`` cuts training rows.
     Evaluation, per point and per held-out split (:data:`EVAL_SPLITS`): ``eval_tasks`` task seeds
@@ -91,6 +125,7 @@ class GridSpec:
     max_length: int
     eval_tasks: int
     eval_samples: int
+    micro_batch_size: int | None = None
     lora_rank: int = 16
     lora_alpha: int = 32
     env_seed: int = 100_000
@@ -110,9 +145,9 @@ class GridSpec:
 FULL = GridSpec(
     model="smollm2-135m-instruct", precision=default_precision(), seeds=(0, 1, 2),
     warm_start_steps=30, warm_start_batch=8, warm_start_lr=3e-4, warm_start_warmup=5,
-    online_steps=24, eval_every=8, group_size=8, groups_per_step=1, lr=1e-4, temperature=0.8,
+    online_steps=16, eval_every=8, group_size=8, groups_per_step=1, lr=1e-4, temperature=0.8,
     max_new_tokens=48, max_turns=4, max_total_tokens=1024, max_observation_chars=1500, max_length=1024,
-    eval_tasks=50, eval_samples=4,
+    eval_tasks=25, eval_samples=4, micro_batch_size=4,
 )
 
 # The whole pipeline with the tiny random model in about a minute on 2 cores: it checks the machinery, not
@@ -158,7 +193,7 @@ def online_config(spec: GridSpec, arm: Arm, seed: int, root: Path, init_adapter:
     """One online run of ``arm`` with training seed ``seed``: adapters exported to ``root/adapters/step-N``."""
     model = {"model_name_or_path": spec.model, "init_adapter": str(init_adapter), "lora_rank": spec.lora_rank,
              "lora_alpha": spec.lora_alpha, "clip_low": 0.2, "clip_high": 0.28, "temperature": spec.temperature,
-             "lr": spec.lr, "gradient_clip_val": 1.0}
+             "lr": spec.lr, "gradient_clip_val": 1.0, "micro_batch_size": spec.micro_batch_size}
     model.update(arm.model)
     return {
         "seed_everything": seed,
