@@ -15,16 +15,17 @@ speed-ups of the fast-online-loop work are in. Figures per unit, SmolLM2-135M + 
 unit                         current (idle)  expected (idle)  source
 ===========================  ==============  ===============  =====================================================
 warm-start step (8 rows)     ~13 s           ~10 s            README: 60 steps in 13 min 22 s
-online step (1 group of 8)   ~32 s           ~15 s            README demo: 16 steps in 9 min 19 s; about half of it
-                                                              is generation (probe below), 4x and 1.3x applied
+online step (1 group of 8)   ~32 s           ~15 s            README demo: 16 steps in 9 min 19 s; the probe spent
+                                                              60-70% of a step generating: ~20 s generation (/4)
+                                                              + ~12 s training (/1.3)
 evaluated episode            ~2.7 s          ~0.7 s           probe: 32 episodes + world metrics = 680 s under 8x
                                                               contention; generation-bound, so 4x applied
 ===========================  ==============  ===============  =====================================================
 
 The probes (``OMP_NUM_THREADS=1``, a machine shared by 8 sessions, load 8-17 on 2 cores) took 100 s per
 warm-start step, against 13 s idle: a contention factor of about 8, used to turn the probe's 21 s per evaluated
-episode and 107-143 s per generated group of 8 (warm-started policy, 3.1-3.3 turns per episode) into idle figures.
-They are estimates, not measurements on an idle machine.
+episode into an idle figure. An online step of the probe took 110-200 s to generate a group of 8 (3.1-3.3 turns
+per episode) and 81 s to train on it. These are estimates, not measurements on an idle machine.
 
 Choice: warm start 30 steps (half the demo's, to leave room to improve); 16 online steps of one group of 8 per
 run, evaluated at steps 8 and 16 (plus the shared warm start at step 0); per point 25 tasks x 4 episodes on each
