@@ -39,7 +39,9 @@ def load_policy(model: str, adapter: str | None):
 
 
 def agent_metrics(policy, tokenizer, env_class: str, env_kwargs: dict, seeds: range, samples: int,
-                  settings: SamplingSettings) -> dict[str, float]:
+                  settings: SamplingSettings, on_group=None) -> dict[str, float]:
+    """Success, valid-action rate and turns over ``samples`` rollouts of each task seed; ``on_group(seed,
+    rollouts)``, when given, receives each task's rollouts (to keep them or count per task)."""
     env_cls = import_env_class(env_class)
     generator = GroupGenerator(lambda: env_cls(**env_kwargs), tokenizer, settings)
     successes = turns = invalid = rollouts = 0
@@ -49,6 +51,8 @@ def agent_metrics(policy, tokenizer, env_class: str, env_kwargs: dict, seeds: ra
         successes += stats.successes
         turns += stats.turns
         invalid += stats.invalid_actions
+        if on_group is not None:
+            on_group(seed, group)
     return {"success_rate": successes / max(rollouts, 1), "valid_action_rate": 1 - invalid / max(turns, 1),
             "turns_mean": turns / max(rollouts, 1), "rollouts": rollouts}
 

@@ -1,0 +1,257 @@
+"""Does online ECHO make a better agent than action masking? Five arms x training seeds on ShellWorld, one command.
+
+    python -m lit_echo.experiments.compare                    # the full grid (resumable; results in runs/compare)
+    python -m lit_echo.experiments.compare --quick            # the whole pipeline on the tiny model, ~1 min
+    python -m lit_echo.experiments.compare --arms mask --seeds 0   # only part of the grid this sitting
+
+Stages, each skipped when already done, so the grid can be spread over several sittings (a kill loses at most
+the run or evaluation in progress):
+
+1. warm start (``OUT/warm_start``): SmolLM2 + LoRA on scripted-expert rollouts, shared by every run;
+   ``done.json`` marks it finished, and it is evaluated once as every arm's step 0;
+2. per training seed, per arm: an online ``lit-echo fit`` in its own process (``OUT/runs/ARM-sSEED``, config,
+   log, TensorBoard, rollouts, an adapter every ``eval_every`` steps; ``done.json`` when finished; an unfinished
+   run directory is deleted and the run starts over), then every exported adapter is evaluated
+   (``OUT/evals/ARM-sSEED/step-N``: the held-out episodes) and its row appended to ``OUT/results.csv``;
+3. report: ``OUT/results.png`` and ``OUT/results.md`` from all rows so far (``--publish DIR`` copies the three
+   files there, e.g. ``results/``).
+
+A run or evaluation that fails is reported at the end (exit status 1) and retried by the next invocation; the
+others go on. See :mod:`lit_echo.experiments.grid` for the arms and how the sizes were chosen.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import logging
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from lit_echo.experiments.evaluation import evaluate_point
+from lit_echo.experiments.grid import FULL, QUICK, Arm, GridSpec, arms, online_config, warm_start_config
+from lit_echo.experiments.report import markdown_table, plot
+from lit_echo.experiments.results import WARM_START, ResultsFile
+
+log = logging.getLogger("lit_echo.experiments")
+
+DONE = "done.json"
+OUTPUTS = ("results.csv", "results.png", "results.md")
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+class StageFailed(RuntimeError):
+    """A training run or an evaluation failed (the grid goes on without it)."""
+
+
+@dataclass
+class Summary:
+    """What one invocation did; ``failures`` name the stages to retry."""
+
+    trained: list[str] = field(default_factory=list)
+    evaluated: list[str] = field(default_factory=list)
+    failures: list[str] = field(default_factory=list)
+
+
+def _die_with_parent() -> None:
+    """In the child, before exec: ask Linux to kill it when the grid process dies (even by SIGKILL), so a killed
+    grid leaves no orphan run writing into a directory the next invocation starts over."""
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):  # not Linux: a killed grid may leave its current run to finish alone
+        pass
+
+
+def fit(config: dict, root: Path) -> float:
+    """``lit-echo fit`` over ``config`` in a fresh process (its own memory, a crash stays there); seconds taken.
+
+    ``root/done.json`` marks a finished run; an unfinished ``root`` is deleted first (no half-trained adapters
+    are kept or evaluated)."""
+    if root.exists():
+        shutil.rmtree(root)
+    root.mkdir(parents=True)
+    config_path = root / "config.yaml"
+    config_path.write_text(yaml.safe_dump(config, sort_keys=False))
+    started = time.perf_counter()
+    with open(root / "fit.log", "w") as out:
+        process = subprocess.run([sys.executable, "-m", "lit_echo.cli", "fit", "--config", str(config_path)],
+                                 check=False, stdout=out, stderr=subprocess.STDOUT,
+                                 preexec_fn=_die_with_parent)
+    seconds = round(time.perf_counter() - started, 1)
+    if process.returncode != 0:
+        tail = (root / "fit.log").read_text(errors="replace")[-2000:]
+        raise StageFailed(f"{root}: lit-echo fit exited with status {process.returncode} (log: {root / 'fit.log'})"
+                          f"\n{tail}")
+    (root / DONE).write_text(json.dumps({"seconds": seconds}) + "\n")
+    return seconds
+
+
+class Grid:
+    """The comparison under ``out`` for ``spec``; ``data_dir`` holds the ShellWorld expert buffers."""
+
+    def __init__(self, spec: GridSpec, out: Path, data_dir: Path):
+        self.spec = spec
+        self.out = out
+        self.data_dir = data_dir
+        self.arms = arms(spec.online_steps)
+        for name in ("expert-train.jsonl.gz", "expert-heldout_trees.jsonl.gz"):
+            if not (data_dir / name).is_file():
+                raise FileNotFoundError(f"{data_dir / name}: missing; --data-dir must hold the ShellWorld expert "
+                                        "buffers (data/shellworld in the repository)")
+        self._check_spec()
+        self.results = ResultsFile(out / "results.csv")
+        self.summary = Summary()
+
+    def _check_spec(self) -> None:
+        path = self.out / "spec.json"
+        wanted = self.spec.to_json()
+        if path.exists():
+            found = json.loads(path.read_text())
+            if found != json.loads(json.dumps(wanted)):
+                changed = sorted(k for k in set(found) | set(wanted) if found.get(k) != wanted.get(k))
+                raise ValueError(f"{path}: this directory holds a grid with other sizes (differs in {changed}); "
+                                 "use another --out directory, or delete it to start over")
+        else:
+            self.out.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(wanted, indent=2) + "\n")
+
+    @property
+    def warm_start_dir(self) -> Path:
+        return self.out / "warm_start"
+
+    def _train(self, name: str, config: dict, root: Path) -> bool:
+        """Train unless finished; False when it failed."""
+        if (root / DONE).exists():
+            return True
+        log.info("training %s", name)
+        try:
+            seconds = fit(config, root)
+        except StageFailed as err:
+            log.error("%s", err)
+            self.summary.failures.append(f"train {name}")
+            return False
+        log.info("trained %s in %.0f s", name, seconds)
+        self.summary.trained.append(name)
+        return True
+
+    def _evaluate(self, arm: str, seed: int, step: int, adapter: Path, point_dir: Path) -> None:
+        if self.results.has(arm, seed, step):
+            return
+        name = f"{arm} seed {seed} step {step}"
+        log.info("evaluating %s", name)
+        try:
+            metrics = evaluate_point(self.spec, adapter, point_dir, self.data_dir / "expert-heldout_trees.jsonl.gz")
+        except Exception as err:  # one failing evaluation must not stop the grid; it is retried next time
+            log.exception("evaluation of %s failed", name)
+            self.summary.failures.append(f"evaluate {name}: {type(err).__name__}: {err}")
+            return
+        self.results.add(arm, seed, step, metrics)
+        self.summary.evaluated.append(name)
+
+    def warm_start(self) -> bool:
+        root = self.warm_start_dir
+        if not self._train(WARM_START, warm_start_config(self.spec, root, self.data_dir), root):
+            return False
+        self._evaluate(WARM_START, 0, 0, root / "adapter", self.out / "evals" / WARM_START / "step-0")
+        return True
+
+    def online_run(self, arm: Arm, seed: int) -> None:
+        name = f"{arm.name}-s{seed}"
+        root = self.out / "runs" / name
+        config = online_config(self.spec, arm, seed, root, self.warm_start_dir / "adapter")
+        if not self._train(name, config, root):
+            return
+        for step in self.spec.eval_steps():
+            self._evaluate(arm.name, seed, step, root / "adapters" / f"step-{step}",
+                           self.out / "evals" / name / f"step-{step}")
+
+    def report(self, publish: Path | None = None) -> None:
+        spec = self.spec
+        title = (f"ShellWorld, {spec.model}: {spec.online_steps} online steps x "
+                 f"{spec.groups_per_step * spec.group_size} rollouts from a {spec.warm_start_steps}-step warm start; "
+                 f"{len(spec.seeds)} training seed(s)")
+        plot(self.results.rows, self.arms, self.out / "results.png", title)
+        (self.out / "results.md").write_text(self._table_text(title))
+        if publish is not None:
+            publish.mkdir(parents=True, exist_ok=True)
+            for name in OUTPUTS:
+                shutil.copyfile(self.out / name, publish / name)
+
+    def _table_text(self, title: str) -> str:
+        train_seconds = sum(json.loads(p.read_text())["seconds"] for p in self.out.glob("**/" + DONE))
+        eval_seconds = sum(float(r["eval_seconds"]) for r in self.results.rows)
+        spec = self.spec
+        return (f"{title}.\n\n"
+                "Last evaluated step of each arm (never a chosen checkpoint): mean ± standard deviation over "
+                "training seeds; for success, [95% interval of that mean from the evaluation noise: tasks "
+                "resampled by bootstrap in each run]. Per point and split: "
+                f"{spec.eval_tasks} tasks x {spec.eval_samples} episodes at temperature {spec.temperature}.\n\n"
+                + markdown_table(self.results.rows, self.arms)
+                + f"\nCompute time so far: training {train_seconds / 60:.1f} min, evaluation "
+                  f"{eval_seconds / 60:.1f} min.\n")
+
+    def run(self, arm_names: list[str] | None = None, seeds: list[int] | None = None,
+            publish: Path | None = None) -> Summary:
+        selected = [a for a in self.arms if arm_names is None or a.name in arm_names]
+        if self.warm_start():
+            for seed in (self.spec.seeds if seeds is None else seeds):
+                for arm in selected:
+                    self.online_run(arm, seed)
+        self.report(publish)
+        return self.summary
+
+
+def _names(text: str, known: list[str], what: str) -> list[str]:
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise SystemExit(f"--{what}: unknown {unknown}; expected a comma-separated subset of {known}")
+    return names
+
+
+def main(argv: list[str] | None = None) -> Summary:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true",
+                        help="the tiny random model and tiny sizes: the pipeline in about a minute (not learning)")
+    parser.add_argument("--out", default=None,
+                        help="grid directory (default: runs/compare; --quick: a new temporary directory)")
+    parser.add_argument("--data-dir", default="data/shellworld", help="ShellWorld expert buffers")
+    parser.add_argument("--arms", default=None, help="comma-separated arms to run now (default: all five)")
+    parser.add_argument("--seeds", default=None, help="comma-separated training seeds to run now (default: all)")
+    parser.add_argument("--publish", default=None,
+                        help="also copy results.csv, results.png, results.md to this directory (e.g. results)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+
+    spec = QUICK if args.quick else FULL
+    if args.out is not None:
+        out = Path(args.out)
+    elif args.quick:
+        out = Path(tempfile.mkdtemp(prefix="lit-echo-compare-"))
+    else:
+        out = Path("runs/compare")
+    grid = Grid(spec, out.resolve(), Path(args.data_dir).resolve())
+    arm_names = None if args.arms is None else _names(args.arms, [a.name for a in grid.arms], "arms")
+    seeds = None if args.seeds is None else [int(s) for s in _names(args.seeds, [str(s) for s in spec.seeds],
+                                                                       "seeds")]
+    started = time.perf_counter()
+    summary = grid.run(arm_names, seeds, None if args.publish is None else Path(args.publish))
+    print(f"{out}: trained {len(summary.trained)} run(s), evaluated {len(summary.evaluated)} point(s) in "
+          f"{time.perf_counter() - started:.0f} s; results.csv, results.png, results.md written")
+    if summary.failures:
+        print("failed (retried by the next invocation):\n  " + "\n  ".join(summary.failures), file=sys.stderr)
+        raise SystemExit(1)
+    return summary
+
+
+if __name__ == "__main__":
+    main()

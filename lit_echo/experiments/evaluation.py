@@ -1,0 +1,94 @@
+"""One evaluation point: an exported adapter on both held-out ShellWorld splits and two world-model buffers.
+
+Built on :mod:`lit_echo.evaluate` (the same generator and world-model sums as ``python -m lit_echo.evaluate``).
+Per point:
+
+* for each split of :data:`~lit_echo.experiments.grid.EVAL_SPLITS`: success rate with a 95% task-bootstrap
+  interval, valid-command rate and mean turns over ``eval_tasks`` tasks x ``eval_samples`` episodes; the
+  episodes are kept as ``<split>.jsonl`` in the point's directory;
+* world NLL and top-1 accuracy on the OBSERVATION tokens of the fixed held-out expert buffer (``expert_*``) and
+  of the policy's own held-out episodes just played (``own_*``). An NLL over zero tokens is left empty.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+from lit_echo import models
+from lit_echo.evaluate import agent_metrics, load_policy, world_metrics
+from lit_echo.experiments.grid import ENV_CLASS, EVAL_SPLITS, GridSpec
+from lit_echo.experiments.intervals import task_bootstrap_interval
+from lit_echo.online.generator import SamplingSettings
+from lit_echo.online.writer import RolloutWriter
+
+METRIC_COLUMNS = [
+    *(f"{split}_{name}" for split in EVAL_SPLITS
+      for name in ("success", "success_low", "success_high", "episodes", "tasks", "valid_action_rate",
+                   "turns_mean")),
+    "expert_world_nll", "expert_world_acc", "expert_world_tokens",
+    "own_world_nll", "own_world_acc", "own_world_tokens",
+    "eval_seconds",
+]
+
+
+def sampling_settings(spec: GridSpec) -> SamplingSettings:
+    return SamplingSettings(temperature=spec.temperature, top_p=1.0, max_new_tokens=spec.max_new_tokens,
+                            max_turns=spec.max_turns, max_total_tokens=spec.max_total_tokens,
+                            max_observation_chars=spec.max_observation_chars)
+
+
+def _world(policy, tokenizer, buffer: Path, prefix: str, max_length: int) -> dict[str, float]:
+    result = world_metrics(policy, tokenizer, str(buffer), max_length=max_length)
+    tokens = result["world_tokens"]
+    return {f"{prefix}_world_nll": result["world_nll"] if tokens else math.nan,
+            f"{prefix}_world_acc": result["world_acc"] if tokens else math.nan,
+            f"{prefix}_world_tokens": tokens}
+
+
+def _play(policy, tokenizer, spec: GridSpec, split: str, path: Path) -> dict[str, float]:
+    """Agent metrics on ``split``; the episodes are appended to ``path``."""
+    torch.manual_seed(spec.eval_torch_seed)  # every point samples from the same random stream
+    writer = RolloutWriter(path)
+    successes: list[int] = []  # per task
+    episodes: list[int] = []
+
+    def keep(seed: int, rollouts) -> None:
+        writer.write_group(rollouts)
+        successes.append(sum(bool(r.metadata.get("success")) for r in rollouts))
+        episodes.append(len(rollouts))
+
+    try:
+        agent = agent_metrics(policy, tokenizer, ENV_CLASS, {"split": split}, range(spec.eval_tasks),
+                              spec.eval_samples, sampling_settings(spec), on_group=keep)
+    finally:
+        writer.close()
+    low, high = task_bootstrap_interval(successes, episodes)
+    return {f"{split}_success": agent["success_rate"], f"{split}_success_low": low,
+            f"{split}_success_high": high, f"{split}_episodes": agent["rollouts"], f"{split}_tasks": len(episodes),
+            f"{split}_valid_action_rate": agent["valid_action_rate"], f"{split}_turns_mean": agent["turns_mean"]}
+
+
+def evaluate_point(spec: GridSpec, adapter: Path, point_dir: Path, expert_buffer: Path) -> dict[str, float]:
+    """All :data:`METRIC_COLUMNS` of the policy ``spec.model`` + ``adapter``; episodes written under
+    ``point_dir`` (emptied first: what an interrupted evaluation left there is not reused)."""
+    started = time.perf_counter()
+    if point_dir.exists():
+        shutil.rmtree(point_dir)
+    point_dir.mkdir(parents=True)
+    tokenizer = models.load_tokenizer(spec.model)
+    policy = load_policy(spec.model, str(adapter))
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    policy.to(device)
+    row: dict[str, float] = {}
+    with torch.autocast(device, dtype=torch.bfloat16, enabled=spec.precision == "bf16-mixed"):
+        for split in EVAL_SPLITS:
+            row.update(_play(policy, tokenizer, spec, split, point_dir / f"{split}.jsonl"))
+        row.update(_world(policy, tokenizer, expert_buffer, "expert", spec.max_length))
+        row.update(_world(policy, tokenizer, point_dir, "own", spec.max_length))
+    row["eval_seconds"] = round(time.perf_counter() - started, 1)
+    return row

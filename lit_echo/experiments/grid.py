@@ -1,0 +1,212 @@
+"""What the comparison runs: the five arms, the grid sizes (full and quick) and the Lightning configs they make.
+
+Every run is an ordinary ``lit-echo fit`` over a config built here (written next to the run as ``config.yaml``),
+so a run can be repeated by hand. All online runs start from the same warm-start adapter, play the same training
+task seeds (``env_seed``) and differ only in the arm's ``model`` overrides and the training seed
+(``seed_everything``: sampling during generation).
+
+Sizes of the full grid (:data:`FULL`) and how they were chosen
+--------------------------------------------------------------
+Target: about 2 hours on 2 CPU cores (avx512_bf16, bf16 autocast) once the generation (~4x) and training (~1.3x)
+speed-ups of the fast-online-loop work are in. Figures per unit, SmolLM2-135M + LoRA r=16, G=8, up to 4 turns of
+48 tokens:
+
+===========================  ==============  ===============  =====================================================
+unit                         current (idle)  expected (idle)  source
+===========================  ==============  ===============  =====================================================
+warm-start step (8 rows)     ~13 s           ~10 s            README: 60 steps in 13 min 22 s
+online step (1 group of 8)   ~32 s           ~15 s            README demo: 16 steps in 9 min 19 s; the probe spent
+                                                              60-70% of a step generating: ~20 s generation (/4)
+                                                              + ~12 s training (/1.3)
+evaluated episode            ~2.7 s          ~0.7 s           probe: 32 episodes + world metrics = 680 s under 8x
+                                                              contention; generation-bound, so 4x applied
+===========================  ==============  ===============  =====================================================
+
+The probes (``OMP_NUM_THREADS=1``, a machine shared by 8 sessions, load 8-17 on 2 cores) took 100 s per
+warm-start step, against 13 s idle: a contention factor of about 8, used to turn the probe's 21 s per evaluated
+episode into an idle figure. An online step of the probe took 110-200 s to generate a group of 8 (3.1-3.3 turns
+per episode) and 81 s to train on it. These are estimates, not measurements on an idle machine.
+
+Choice: warm start 30 steps (half the demo's, to leave room to improve); 16 online steps of one group of 8 per
+run, evaluated at steps 8 and 16 (plus the shared warm start at step 0); per point 25 tasks x 4 episodes on each
+held-out split (200 episodes over 50 tasks). Arithmetic:
+
+* warm start: 30 x 13 s = 6.5 min now, 30 x 10 s = 5 min expected;
+* online: 15 runs x 16 steps = 240 steps, plus ~20 s start-up per run: 240 x 32 s + 300 s = 2.2 h now,
+  240 x 15 s + 300 s = 1.1 h expected;
+* evaluation: (15 runs x 2 + 1) points x 200 episodes = 6,200 episodes: 4.7 h now, 1.2 h expected;
+* total: about 7 h now, about 2.4 h expected. Evaluating only the last step (``eval_every=16``) saves ~0.5 h
+  expected, at the cost of the curve's mid-point; each further 8 online steps per run add ~0.5 h plus ~0.3 h of
+  evaluation.
+
+Evaluation dominates; it is the price of 200 episodes per point. 16 steps x 8 rollouts is as much online
+experience as the README demo, whose success change was within noise, so a first sitting should check that the
+masking arm moves at all (``--arms mask --seeds 0``) before spending the rest of the grid.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+# Held-out ShellWorld splits every point is evaluated on: unseen file trees, unseen task types.
+EVAL_SPLITS = ("heldout_trees", "heldout_tasks")
+ENV_CLASS = "lit_echo.envs.shellworld.ShellWorld"
+
+
+@dataclass(frozen=True)
+class Arm:
+    """One training recipe of the comparison: ``model`` overrides on top of :func:`online_config`'s defaults."""
+
+    name: str
+    label: str
+    model: dict[str, Any]
+
+
+def arms(online_steps: int) -> tuple[Arm, ...]:
+    """The five arms; ``online_steps`` sets the length of the decaying-coefficient arm's schedule."""
+    return (
+        Arm("mask", "action masking (world_coef 0)", {"world_coef": 0.0}),
+        Arm("echo", "ECHO (world_coef 0.05)", {"world_coef": 0.05}),
+        Arm("echo_decay", "ECHO, world_coef 0.05 decayed linearly to 0",
+            {"world_coef": 0.05, "world_schedule": "linear", "world_final_coef": 0.0,
+             "world_decay_steps": online_steps}),
+        Arm("paw", "PaW (clipped MAE, entropy selection 0.75, reward-adaptive weight)",
+            {"world_coef": 0.05, "world_loss": "cmae", "paw_select_fraction": 0.75, "paw_reward_adaptive": True}),
+        Arm("world_only", "world model only (policy_coef 0, verifier-free)", {"world_coef": 0.05, "policy_coef": 0.0}),
+    )
+
+
+def default_precision() -> str:
+    """bf16 autocast where the hardware has native bf16 (about 5x faster on such CPUs), else float32."""
+    if torch.cuda.is_available():
+        return "bf16-mixed" if torch.cuda.is_bf16_supported() else "32-true"
+    return "bf16-mixed" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "32-true"
+
+
+@dataclass(frozen=True)
+class GridSpec:
+    """Sizes of one grid. ``out/spec.json`` records them; a grid directory never mixes two specs.
+
+    Model: ``model`` (name or path), ``precision`` (Lightning precision of training; evaluation uses bf16
+    autocast when it is "bf16-mixed"), ``lora_rank``, ``lora_alpha``.
+    Warm start (SFT as RL with advantage 1 on ``data_dir/expert-train.jsonl.gz``, ECHO's world term on):
+    ``warm_start_steps`` of ``warm_start_batch`` expert rollouts at ``warm_start_lr``.
+    Online runs: ``online_steps`` optimizer steps of ``groups_per_step`` groups of ``group_size`` rollouts at
+    ``lr``; the adapter is exported every ``eval_every`` steps; task seeds from ``env_seed``; training seeds
+    ``seeds``; ``micro_batch_size`` rows per forward/backward (None: the whole step at once; same update, less
+    memory).
+    Sampling (training and evaluation alike): ``temperature``, ``max_new_tokens`` per turn, ``max_turns``,
+    ``max_total_tokens``, ``max_observation_chars``; ``max_length`` cuts training rows.
+    Evaluation, per point and per held-out split (:data:`EVAL_SPLITS`): ``eval_tasks`` task seeds
+    (0..eval_tasks-1) times ``eval_samples`` episodes, torch seed ``eval_torch_seed`` (identical for every point).
+    """
+
+    model: str
+    precision: str
+    seeds: tuple[int, ...]
+    warm_start_steps: int
+    warm_start_batch: int
+    warm_start_lr: float
+    warm_start_warmup: int
+    online_steps: int
+    eval_every: int
+    group_size: int
+    groups_per_step: int
+    lr: float
+    temperature: float
+    max_new_tokens: int
+    max_turns: int
+    max_total_tokens: int
+    max_observation_chars: int
+    max_length: int
+    eval_tasks: int
+    eval_samples: int
+    micro_batch_size: int | None = None
+    lora_rank: int = 16
+    lora_alpha: int = 32
+    env_seed: int = 100_000
+    eval_torch_seed: int = 0
+
+    def eval_steps(self) -> list[int]:
+        """Online steps whose adapter is evaluated (the warm start, step 0, is evaluated once for all runs)."""
+        steps = list(range(self.eval_every, self.online_steps + 1, self.eval_every))
+        if not steps or steps[-1] != self.online_steps:
+            steps.append(self.online_steps)  # the last step is always reported
+        return steps
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+FULL = GridSpec(
+    model="smollm2-135m-instruct", precision=default_precision(), seeds=(0, 1, 2),
+    warm_start_steps=30, warm_start_batch=8, warm_start_lr=3e-4, warm_start_warmup=5,
+    online_steps=16, eval_every=8, group_size=8, groups_per_step=1, lr=1e-4, temperature=0.8,
+    max_new_tokens=48, max_turns=4, max_total_tokens=1024, max_observation_chars=1500, max_length=1024,
+    eval_tasks=25, eval_samples=4, micro_batch_size=4,
+)
+
+# The whole pipeline with the tiny random model in about a minute on 2 cores: it checks the machinery, not
+# learning (a random policy almost never writes a valid command).
+QUICK = GridSpec(
+    model="tiny-random", precision="32-true", seeds=(0,),
+    warm_start_steps=2, warm_start_batch=4, warm_start_lr=5e-3, warm_start_warmup=0,
+    online_steps=2, eval_every=1, group_size=2, groups_per_step=1, lr=5e-3, temperature=1.0,
+    max_new_tokens=8, max_turns=2, max_total_tokens=512, max_observation_chars=500, max_length=512,
+    eval_tasks=2, eval_samples=2,
+)
+
+
+def _trainer(spec: GridSpec, root: Path, max_steps: int, adapter_dir: str, every_n_steps: int | None) -> dict:
+    return {
+        "accelerator": "auto", "devices": 1, "precision": spec.precision, "max_steps": max_steps,
+        "limit_val_batches": 0, "num_sanity_val_steps": 0, "log_every_n_steps": 1,
+        "enable_checkpointing": False, "enable_progress_bar": False, "default_root_dir": str(root),
+        "logger": {"class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+                   "init_args": {"save_dir": str(root), "name": "tensorboard"}},
+        "callbacks": [{"class_path": "lit_echo.AdapterExport",
+                       "init_args": {"dirpath": adapter_dir, "every_n_steps": every_n_steps}}],
+    }
+
+
+def warm_start_config(spec: GridSpec, root: Path, data_dir: Path) -> dict:
+    """The shared warm start: expert rollouts trained as RL with advantage 1 plus the world term (ECHO 0.05),
+    exported to ``root/adapter``."""
+    return {
+        "seed_everything": 0,
+        "trainer": _trainer(spec, root, spec.warm_start_steps, "adapter", None),
+        "model": {"model_name_or_path": spec.model, "lora_rank": spec.lora_rank, "lora_alpha": spec.lora_alpha,
+                  "world_coef": 0.05, "lr": spec.warm_start_lr, "warmup_steps": spec.warm_start_warmup,
+                  "gradient_clip_val": 1.0},
+        "data": {"class_path": "lit_echo.RolloutDataModule",
+                 "init_args": {"train_path": str(data_dir / "expert-train.jsonl.gz"), "advantage": 1.0,
+                               "batch_size": spec.warm_start_batch, "max_length": spec.max_length, "seed": 0,
+                               "repeat": True}},
+    }
+
+
+def online_config(spec: GridSpec, arm: Arm, seed: int, root: Path, init_adapter: Path) -> dict:
+    """One online run of ``arm`` with training seed ``seed``: adapters exported to ``root/adapters/step-N``."""
+    model = {"model_name_or_path": spec.model, "init_adapter": str(init_adapter), "lora_rank": spec.lora_rank,
+             "lora_alpha": spec.lora_alpha, "clip_low": 0.2, "clip_high": 0.28, "temperature": spec.temperature,
+             "lr": spec.lr, "gradient_clip_val": 1.0, "micro_batch_size": spec.micro_batch_size}
+    model.update(arm.model)
+    return {
+        "seed_everything": seed,
+        "trainer": _trainer(spec, root, spec.online_steps, "adapters/step-{step}", spec.eval_every),
+        "model": model,
+        "data": {"class_path": "lit_echo.online.OnlineRolloutDataModule",
+                 "init_args": {"env_class": ENV_CLASS, "env_kwargs": {"split": "train"},
+                               "env_seed": spec.env_seed, "group_size": spec.group_size,
+                               "groups_per_step": spec.groups_per_step, "generate_every": 1, "top_p": 1.0,
+                               "max_new_tokens": spec.max_new_tokens, "max_turns": spec.max_turns,
+                               "max_total_tokens": spec.max_total_tokens,
+                               "max_observation_chars": spec.max_observation_chars,
+                               "buffer_dir": str(root / "rollouts"), "max_length": spec.max_length,
+                               "log_samples": 1}},
+    }

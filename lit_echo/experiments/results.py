@@ -1,0 +1,73 @@
+"""``results.csv``: one row per evaluation point (arm, training seed, online step), rewritten atomically.
+
+The warm start is evaluated once, as arm ``warm_start``, seed 0, step 0; it is every arm's step 0. Each new row
+rewrites the whole (small) file through a temporary file and ``os.replace``, so a kill leaves either the old or
+the new file, never half a row, and a finished evaluation is never lost.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+from pathlib import Path
+
+from lit_echo.experiments.evaluation import METRIC_COLUMNS
+
+WARM_START = "warm_start"
+KEY_COLUMNS = ["arm", "seed", "step"]
+COLUMNS = KEY_COLUMNS + METRIC_COLUMNS
+
+Row = dict[str, float | int | str]
+
+
+def _parse(value: str) -> float:
+    return math.nan if value == "" else float(value)
+
+
+def _format(value) -> str:
+    if isinstance(value, float):
+        return "" if math.isnan(value) else f"{value:.6g}"
+    return str(value)
+
+
+class ResultsFile:
+    """The rows of ``path`` (read at construction) and :meth:`add` to append one durably."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self.rows: list[Row] = []
+        if self.path.exists():
+            with open(self.path, newline="") as fh:
+                reader = csv.DictReader(fh)
+                if reader.fieldnames != COLUMNS:
+                    raise ValueError(f"{self.path}: header {reader.fieldnames} is not this version's columns "
+                                     f"{COLUMNS}; move the file away or use another --out directory")
+                for line, record in enumerate(reader, start=2):
+                    try:
+                        row: Row = {"arm": record["arm"], "seed": int(record["seed"]), "step": int(record["step"])}
+                        row.update({name: _parse(record[name]) for name in METRIC_COLUMNS})
+                    except (TypeError, ValueError) as err:
+                        raise ValueError(f"{self.path}:{line}: expected numbers in columns seed, step and the "
+                                         f"metrics ({err})") from err
+                    self.rows.append(row)
+
+    def has(self, arm: str, seed: int, step: int) -> bool:
+        return any(r["arm"] == arm and r["seed"] == seed and r["step"] == step for r in self.rows)
+
+    def add(self, arm: str, seed: int, step: int, metrics: dict[str, float]) -> None:
+        missing = [name for name in METRIC_COLUMNS if name not in metrics]
+        if missing:
+            raise KeyError(f"evaluation result lacks columns {missing}")
+        self.rows.append({"arm": arm, "seed": seed, "step": step, **{k: metrics[k] for k in METRIC_COLUMNS}})
+        self.rows.sort(key=lambda r: (r["arm"] != WARM_START, str(r["arm"]), r["seed"], r["step"]))
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        with open(tmp, "w", newline="") as fh:
+            writer = csv.writer(fh)
+            writer.writerow(COLUMNS)
+            for row in self.rows:
+                writer.writerow([_format(row[name]) for name in COLUMNS])
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, self.path)

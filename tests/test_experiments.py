@@ -1,0 +1,138 @@
+"""The comparison grid: intervals, the results file, the report, and the whole --quick pipeline (resumable)."""
+
+from __future__ import annotations
+
+import csv
+import math
+from pathlib import Path
+
+import pytest
+
+from lit_echo.experiments.evaluation import METRIC_COLUMNS
+from lit_echo.experiments.grid import QUICK, arms
+from lit_echo.experiments.intervals import interval_of_mean, task_bootstrap_interval, wilson_interval
+from lit_echo.experiments.report import markdown_table, series
+from lit_echo.experiments.results import COLUMNS, WARM_START, ResultsFile
+
+REPO = Path(__file__).resolve().parents[1]
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def test_wilson_interval_known_values():
+    low, high = wilson_interval(0, 10)
+    assert low == 0.0 and high == pytest.approx(1.959964 ** 2 / (10 + 1.959964 ** 2), rel=1e-6)
+    low, high = wilson_interval(5, 10)
+    assert low == pytest.approx(1 - high) and 0.23 < low < 0.24
+    assert all(math.isnan(x) for x in wilson_interval(0, 0))
+
+
+def test_task_bootstrap_is_wider_than_wilson_when_tasks_are_all_or_nothing():
+    # 10 tasks x 4 episodes; each task is solved always or never: 40 episodes but only 10 independent draws.
+    successes, trials = [4, 0] * 5, [4] * 10
+    low, high = task_bootstrap_interval(successes, trials)
+    w_low, w_high = wilson_interval(20, 40)
+    assert low < 0.5 < high
+    assert high - low > 1.4 * (w_high - w_low)
+    assert task_bootstrap_interval([0, 0, 0], [4, 4, 4]) == (0.0, 0.0)
+    assert task_bootstrap_interval([3], [4]) == wilson_interval(3, 4)
+
+
+def test_interval_of_mean_shrinks_with_more_runs():
+    one = interval_of_mean([0.5], [0.4], [0.6])
+    three = interval_of_mean([0.5, 0.4, 0.6], [0.4, 0.3, 0.5], [0.6, 0.5, 0.7])
+    assert one == pytest.approx((0.4, 0.6))
+    assert three[0] == pytest.approx(0.5 - 0.1 / math.sqrt(3)) and three[1] == pytest.approx(0.5 + 0.1 / math.sqrt(3))
+
+
+def _metrics(success: float, nll: float) -> dict[str, float]:
+    row = {name: 1.0 for name in METRIC_COLUMNS}
+    for split in ("heldout_trees", "heldout_tasks"):
+        row.update({f"{split}_success": success, f"{split}_success_low": success - 0.1,
+                    f"{split}_success_high": success + 0.1, f"{split}_valid_action_rate": 0.9})
+    row.update(expert_world_nll=nll, own_world_nll=math.nan)
+    return row
+
+
+def test_results_file_round_trip_and_report_over_seeds(tmp_path):
+    path = tmp_path / "results.csv"
+    results = ResultsFile(path)
+    results.add(WARM_START, 0, 0, _metrics(0.30, 2.0))
+    results.add("mask", 0, 4, _metrics(0.40, 2.2))
+    results.add("mask", 1, 4, _metrics(0.50, 2.4))
+    results.add("mask", 0, 2, _metrics(0.35, 2.1))
+    again = ResultsFile(path)
+    assert again.has("mask", 1, 4) and not again.has("mask", 2, 4)
+    assert [(r["arm"], r["seed"], r["step"]) for r in again.rows] == [
+        (WARM_START, 0, 0), ("mask", 0, 2), ("mask", 0, 4), ("mask", 1, 4)]
+    assert math.isnan(again.rows[0]["own_world_nll"])  # an NLL over no tokens stays empty, not 0
+
+    # The warm start is every arm's step 0; the band is the range over seeds.
+    assert series(again.rows, "mask", "heldout_trees_success") == [
+        (0, 0.30, 0.30, 0.30, 1), (2, 0.35, 0.35, 0.35, 1), (4, pytest.approx(0.45), 0.40, 0.50, 2)]
+    assert series(again.rows, "mask", "own_world_nll") == []
+
+    table = markdown_table(again.rows, arms(8))
+    mask_row = next(line for line in table.splitlines() if line.startswith("| mask:"))
+    cells = [c.strip() for c in mask_row.strip("|").split("|")]
+    assert cells[1:3] == ["2", "4"]  # two seeds at the last step (4), never the best step
+    half = 100 * 1.959964 * math.sqrt(2) * (0.1 / 1.959964) / 2
+    assert cells[3] == f"45.0 ± 7.1 [{45 - half:.1f}, {45 + half:.1f}]"
+    assert cells[6] == "2.300 ± 0.141" and cells[8] == "n/a"
+    assert sum(line.startswith("| echo:") for line in table.splitlines()) == 1  # not evaluated yet: empty row
+
+
+def test_results_file_rejects_another_header(tmp_path):
+    path = tmp_path / "results.csv"
+    path.write_text("arm,seed,step,success\nmask,0,1,0.5\n")
+    with pytest.raises(ValueError, match=r"results\.csv: header"):
+        ResultsFile(path)
+
+
+@pytest.mark.slow
+def test_quick_grid_runs_every_arm_and_a_second_run_skips_everything(tmp_path, monkeypatch):
+    from lit_echo.experiments.compare import main
+
+    monkeypatch.chdir(REPO)
+    out = tmp_path / "grid"
+    summary = main(["--quick", "--out", str(out)])
+    names = [a.name for a in arms(QUICK.online_steps)]
+    assert summary.failures == []
+    assert summary.trained == [WARM_START] + [f"{name}-s{seed}" for seed in QUICK.seeds for name in names]
+
+    with open(out / "results.csv", newline="") as fh:
+        reader = csv.DictReader(fh)
+        assert reader.fieldnames == COLUMNS
+        rows = list(reader)
+    expected = {(WARM_START, "0", "0")} | {(name, str(seed), str(step)) for name in names for seed in QUICK.seeds
+                                             for step in QUICK.eval_steps()}
+    assert {(r["arm"], r["seed"], r["step"]) for r in rows} == expected and len(rows) == len(expected)
+    assert len(summary.evaluated) == len(expected)
+    for row in rows:
+        for split in ("heldout_trees", "heldout_tasks"):
+            assert int(float(row[f"{split}_episodes"])) == QUICK.eval_tasks * QUICK.eval_samples
+            low, rate, high = (float(row[f"{split}_success{s}"]) for s in ("_low", "", "_high"))
+            assert 0.0 <= low <= rate <= high <= 1.0
+            assert 0.0 <= float(row[f"{split}_valid_action_rate"]) <= 1.0
+        assert float(row["expert_world_tokens"]) > 0 and float(row["expert_world_nll"]) > 0
+        assert 0.0 <= float(row["expert_world_acc"]) <= 1.0
+    for name in names:  # every evaluated adapter is one the run exported, and the episodes are kept
+        for step in QUICK.eval_steps():
+            assert (out / "runs" / f"{name}-s0" / "adapters" / f"step-{step}" / "adapter_model.safetensors").is_file()
+            assert (out / "evals" / f"{name}-s0" / f"step-{step}" / "heldout_trees.jsonl").stat().st_size > 0
+
+    png = (out / "results.png").read_bytes()
+    assert png.startswith(PNG_SIGNATURE)
+    import matplotlib.image
+
+    height, width, _ = matplotlib.image.imread(out / "results.png").shape
+    assert height > 200 and width > 200
+    table = (out / "results.md").read_text()
+    for name in names:
+        assert sum(line.startswith(f"| {name}:") for line in table.splitlines()) == 1
+
+    csv_before = (out / "results.csv").read_bytes()
+    stamps = {p: p.stat().st_mtime_ns for p in out.glob("**/done.json")}
+    again = main(["--quick", "--out", str(out)])
+    assert again.trained == [] and again.evaluated == [] and again.failures == []
+    assert (out / "results.csv").read_bytes() == csv_before
+    assert {p: p.stat().st_mtime_ns for p in out.glob("**/done.json")} == stamps  # nothing retrained
