@@ -46,7 +46,7 @@ def agent_metrics(policy, tokenizer, env_class: str, env_kwargs: dict, seeds: ra
     generator = GroupGenerator(lambda: env_cls(**env_kwargs), tokenizer, settings)
     successes = turns = invalid = rollouts = 0
     for seed in seeds:
-        _, stats = generator.generate_group(policy, seed, samples)
+        group, stats = generator.generate_group(policy, seed, samples)
         rollouts += stats.rollouts
         successes += stats.successes
         turns += stats.turns

@@ -55,8 +55,8 @@ the batch given, which is right for a step that is one batch on one device.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field, fields, replace
-from typing import Sequence
 
 import torch
 
@@ -160,7 +160,7 @@ class LossNormalizers:
     world_tokens: int
     seq_len: int
 
-    def all_reduce(self, group=None) -> "LossNormalizers":
+    def all_reduce(self, group=None) -> LossNormalizers:
         """Sum the counts and take the max ``seq_len`` over data-parallel ranks (no-op without torch.distributed)."""
         if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
             return self

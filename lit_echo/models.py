@@ -8,8 +8,8 @@ Everything the LightningModule needs from the model lives here, with no Lightnin
 - :func:`hidden_states` / :func:`output_head`: run the transformer body once and hand back the final hidden states
   ``[B, T, H]`` and the ``lm_head``, so the loss can compute log-probs in chunks instead of materialising full
   ``[B, T, V]`` logits.
-- :func:`adapters_disabled`: the KL reference policy is the same model with its adapters switched off (docs/method.md §3.3),
-  so no second copy of the weights sits in memory.
+- :func:`adapters_disabled`: the KL reference policy is the same model with its adapters switched off
+  (docs/method.md §3.3), so no second copy of the weights sits in memory.
 - :func:`export_adapter` (portable: hub id of the base, tokenizer beside it), :func:`export_merged`,
   :func:`trainable_parameters`, :func:`parameter_summary`.
 
@@ -37,6 +37,7 @@ from lit_echo.pretrained import resolve_checkpoint
 
 if TYPE_CHECKING:  # heavy imports stay lazy so ``import lit_echo`` is cheap
     from peft import PeftModel
+    from transformers import PreTrainedTokenizerBase
 
 Quantization = Literal["none", "4bit", "8bit"]
 DType = Literal["auto", "float32", "bfloat16", "float16"]

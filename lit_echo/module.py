@@ -19,8 +19,9 @@ import contextlib
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import Any, Callable, Literal
+from typing import Any, Literal
 
 import lightning as L
 import torch
@@ -31,8 +32,12 @@ from lit_echo import models
 from lit_echo.logprobs import CHUNK_ELEMENTS, target_logprobs
 from lit_echo.losses import LossConfig, PawConfig, compute_normalizers, echo_loss, metrics_to_sums, sums_to_metrics
 from lit_echo.metrics import world_model_sums
-from lit_echo.paw import (group_world_weights, reward_adaptive_world_weights, select_transitions_by_entropy,
-                          transition_ids_from_roles)
+from lit_echo.paw import (
+    group_world_weights,
+    reward_adaptive_world_weights,
+    select_transitions_by_entropy,
+    transition_ids_from_roles,
+)
 from lit_echo.roles import Role
 from lit_echo.schedules import WorldCoefSchedule
 

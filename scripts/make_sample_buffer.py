@@ -125,7 +125,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="data/sample", type=Path)
     args = parser.parse_args()
-    print("train:", write(args.out / "train.jsonl", range(0, 10)), "rollouts")
+    print("train:", write(args.out / "train.jsonl", range(10)), "rollouts")
     print("val:", write(args.out / "val.jsonl", range(1000, 1003)), "rollouts")
 
 

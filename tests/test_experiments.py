@@ -45,7 +45,7 @@ def test_interval_of_mean_shrinks_with_more_runs():
 
 
 def _metrics(success: float, nll: float) -> dict[str, float]:
-    row = {name: 1.0 for name in METRIC_COLUMNS}
+    row = dict.fromkeys(METRIC_COLUMNS, 1.0)
     for split in ("heldout_trees", "heldout_tasks"):
         row.update({f"{split}_success": success, f"{split}_success_low": success - 0.1,
                     f"{split}_success_high": success + 0.1, f"{split}_valid_action_rate": 0.9})

@@ -8,8 +8,8 @@ import re
 
 import pytest
 
-from lit_echo.envs.shellworld.expert import SOLVERS, expert_rollout, main
 from lit_echo.envs.shellworld import HELDOUT_TASK_TYPES, TRAIN_TASK_TYPES, ShellWorld
+from lit_echo.envs.shellworld.expert import SOLVERS, expert_rollout, main
 
 _CMD = re.compile(r"<cmd>.*?</cmd>", re.DOTALL)
 

@@ -282,7 +282,7 @@ def test_every_data_option_has_help(capsys):
     text = capsys.readouterr().out
     blocks = {m.group(1): m.group(2) for m in re.finditer(r"^  --data\.(\w+)[^\n]*?(?: {2,}|\n)(.*?)(?=^  --|\Z)",
                                                          text, flags=re.DOTALL | re.MULTILINE)}
-    names = [name for name in inspect.signature(OnlineRolloutDataModule).parameters]
+    names = list(inspect.signature(OnlineRolloutDataModule).parameters)
     assert sorted(blocks) == sorted(names)
     for name in names:
         description = " ".join(blocks[name].split()).split("(type:")[0].strip()

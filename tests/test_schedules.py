@@ -6,9 +6,13 @@ from __future__ import annotations
 import pytest
 import torch
 
+from lit_echo.paw import (
+    group_world_weights,
+    reward_adaptive_world_weights,
+    select_transitions_by_entropy,
+    transition_ids_from_roles,
+)
 from lit_echo.roles import Role
-from lit_echo.paw import (group_world_weights, reward_adaptive_world_weights, select_transitions_by_entropy,
-                          transition_ids_from_roles)
 from lit_echo.schedules import WorldCoefSchedule, linear_decay_coef, step_decay_coef
 
 C, A, O, W = int(Role.CONTEXT), int(Role.ACTION), int(Role.OBSERVATION), int(Role.WARNING)

@@ -7,8 +7,7 @@ import re
 import pytest
 
 from lit_echo.envs.base import Environment
-from lit_echo.envs.shellworld import (HELDOUT_TASK_TYPES, TRAIN_TASK_TYPES, FileSystem, Shell, ShellWorld,
-                                      answer_matches)
+from lit_echo.envs.shellworld import HELDOUT_TASK_TYPES, TRAIN_TASK_TYPES, FileSystem, Shell, ShellWorld, answer_matches
 from lit_echo.envs.shellworld.env import NO_COMMAND_WARNING
 
 TREE = {

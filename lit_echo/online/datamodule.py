@@ -37,6 +37,7 @@ side file keeps the rest (its ``.untrained`` suffix keeps it out of directory re
 
 from __future__ import annotations
 
+import importlib
 import logging
 import math
 import os

@@ -112,8 +112,9 @@ class GenerationStats:
     """Counts over one or more generated groups (summable with ``+=``).
 
     ``prefill_tokens``: positions run through multi-token forwards (prompt prefill; padding included, since it is
-    computed too); ``decode_tokens``: positions run through one-token-per-row decode forwards. ``prefill_s``, ``decode_s``, ``env_s``: seconds spent prefilling, decoding (forwards of one
-    token per row plus sampling), and in environment steps; ``seconds`` is the whole generation.
+    computed too); ``decode_tokens``: positions run through one-token-per-row decode forwards.
+    ``prefill_s``, ``decode_s``, ``env_s``: seconds spent prefilling, decoding (forwards of one token per row
+    plus sampling), and in environment steps; ``seconds`` is the whole generation.
     """
 
     rollouts: int = 0
@@ -131,7 +132,7 @@ class GenerationStats:
     decode_s: float = 0.0
     env_s: float = 0.0
 
-    def __iadd__(self, other: "GenerationStats") -> "GenerationStats":
+    def __iadd__(self, other: GenerationStats) -> GenerationStats:
         for name in self.__dataclass_fields__:
             setattr(self, name, getattr(self, name) + getattr(other, name))
         return self

@@ -30,7 +30,8 @@ import random
 import re
 import shlex
 import tempfile
-from typing import Any, Callable, Generator
+from collections.abc import Callable, Generator
+from typing import Any
 
 from lit_echo.envs.base import truncate_observation
 from lit_echo.envs.shellworld.env import ShellWorld
@@ -193,7 +194,7 @@ def write_rollouts(records, out: str) -> int:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Write scripted-expert ShellWorld rollouts as JSON lines.")
     parser.add_argument("--split", default="train", choices=["train", "heldout_trees", "heldout_tasks"])
-    parser.add_argument("--seeds", type=seed_range, default=range(0, 200), help="START:STOP (default 0:200)")
+    parser.add_argument("--seeds", type=seed_range, default=range(200), help="START:STOP (default 0:200)")
     parser.add_argument("--out", required=True, help="output path; .gz compresses")
     parser.add_argument("--noise", type=float, default=0.0, help="probability of a malformed turn before each turn")
     parser.add_argument("--max-turns", type=int, default=8, help="assistant turns per episode at most (default 8)")

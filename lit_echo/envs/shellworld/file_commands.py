@@ -30,7 +30,7 @@ def _human(size: int) -> str:
     raise AssertionError("unreachable")
 
 
-def _long_lines(shell: "Shell", entries: list[tuple[str, Stat]], human: bool) -> list[str]:
+def _long_lines(shell: Shell, entries: list[tuple[str, Stat]], human: bool) -> list[str]:
     sizes = [_human(st.size) if human else str(st.size) for _, st in entries]
     link_w = max((len(str(st.links)) for _, st in entries), default=1)
     size_w = max((len(s) for s in sizes), default=1)
@@ -49,7 +49,7 @@ def _order(entries: list[tuple[str, Stat]], opts: dict) -> list[tuple[str, Stat]
     return entries[::-1] if opts.get("r") else entries
 
 
-def _render(shell: "Shell", entries: list[tuple[str, Stat]], opts: dict, total: bool) -> list[str]:
+def _render(shell: Shell, entries: list[tuple[str, Stat]], opts: dict, total: bool) -> list[str]:
     entries = _order(entries, opts)
     if not opts.get("l"):
         return [name for name, _ in entries]
@@ -57,7 +57,7 @@ def _render(shell: "Shell", entries: list[tuple[str, Stat]], opts: dict, total: 
     return head + _long_lines(shell, entries, bool(opts.get("h")))
 
 
-def _dir_blocks(shell: "Shell", path: str, parts: tuple[str, ...], opts: dict, header: bool) -> list[list[str]]:
+def _dir_blocks(shell: Shell, path: str, parts: tuple[str, ...], opts: dict, header: bool) -> list[list[str]]:
     """The listing of one directory, and with ``-R`` those of its subdirectories after it."""
     node = shell.fs.node(parts)
     entries = [(name, shell.fs.stat(parts + (name,))) for name in node if opts.get("a") or not name.startswith(".")]
@@ -72,7 +72,7 @@ def _dir_blocks(shell: "Shell", path: str, parts: tuple[str, ...], opts: dict, h
     return blocks
 
 
-def ls(shell: "Shell", args: list[str], stdin: str | None) -> Output:
+def ls(shell: Shell, args: list[str], stdin: str | None) -> Output:
     opts, operands = parse_options("ls", args, flags="la1hrSdR")
     operands = operands or ["."]
     err, files, dirs = "", [], []
@@ -92,7 +92,7 @@ def ls(shell: "Shell", args: list[str], stdin: str | None) -> Output:
     return out, err
 
 
-def cd(shell: "Shell", args: list[str], stdin: str | None) -> Output:
+def cd(shell: Shell, args: list[str], stdin: str | None) -> Output:
     if len(args) > 1:
         return "", "bash: cd: too many arguments\n"
     target = args[0] if args else shell.fs.home
@@ -106,11 +106,11 @@ def cd(shell: "Shell", args: list[str], stdin: str | None) -> Output:
     return "", ""
 
 
-def pwd(shell: "Shell", args: list[str], stdin: str | None) -> Output:
+def pwd(shell: Shell, args: list[str], stdin: str | None) -> Output:
     return shell.fs.display(shell.cwd) + "\n", ""
 
 
-def cat(shell: "Shell", args: list[str], stdin: str | None) -> Output:
+def cat(shell: Shell, args: list[str], stdin: str | None) -> Output:
     _, operands = parse_options("cat", args)
     if not operands:
         return stdin or "", ""
@@ -150,7 +150,7 @@ def _find_expression(args: list[str]) -> dict:
     return tests
 
 
-def find(shell: "Shell", args: list[str], stdin: str | None) -> Output:
+def find(shell: Shell, args: list[str], stdin: str | None) -> Output:
     n_paths = next((i for i, a in enumerate(args) if a.startswith("-")), len(args))
     paths, tests = args[:n_paths] or ["."], _find_expression(args[n_paths:])
     out, err = [], ""

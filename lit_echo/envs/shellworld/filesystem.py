@@ -14,9 +14,8 @@ from __future__ import annotations
 import fnmatch
 import zlib
 from dataclasses import dataclass
-from typing import Union
 
-Node = Union[dict, str]
+Node = dict | str
 
 _MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
 _GLOB_CHARS = frozenset("*?[")

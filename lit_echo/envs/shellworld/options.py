@@ -6,7 +6,8 @@ None at the start of a pipeline. Messages follow GNU coreutils under ``LC_ALL=C`
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from lit_echo.envs.shellworld.filesystem import PathError
 
@@ -74,7 +75,7 @@ def join_lines(lines: list[str]) -> str:
     return "".join(line + "\n" for line in lines)
 
 
-def read_inputs(shell: "Shell", operands: list[str], stdin: str | None,
+def read_inputs(shell: Shell, operands: list[str], stdin: str | None,
                 error: Callable[[str, str], str]) -> tuple[list[tuple[str, str]], str]:
     """``[(name, text)]`` for each readable operand (``-`` or none at all: stdin, named ``""``) and the stderr
     of the others, each line made by ``error(path, reason)``."""

@@ -22,8 +22,9 @@ from __future__ import annotations
 
 import random
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 from lit_echo.envs.shellworld.generate import LEVELS, LOG_KEYWORDS, World
 

@@ -27,8 +27,17 @@ from typing import TYPE_CHECKING
 import regex
 
 from lit_echo.envs.shellworld.filesystem import PathError
-from lit_echo.envs.shellworld.options import (CommandError, Output, join_lines, numeric_shorthand, parse_count,
-                                              parse_options, read_inputs, split_lines, usage_error)
+from lit_echo.envs.shellworld.options import (
+    CommandError,
+    Output,
+    join_lines,
+    numeric_shorthand,
+    parse_count,
+    parse_options,
+    read_inputs,
+    split_lines,
+    usage_error,
+)
 
 if TYPE_CHECKING:
     from lit_echo.envs.shellworld.shell import Shell
@@ -47,7 +56,7 @@ def _with_headers(inputs: list[tuple[str, str]], body, several: bool) -> str:
     return "\n".join(parts)
 
 
-def head(shell: "Shell", args: list[str], stdin: str | None) -> Output:
+def head(shell: Shell, args: list[str], stdin: str | None) -> Output:
     opts, operands = parse_options("head", numeric_shorthand(args), valued="n")
     n = parse_count("head", str(opts.get("n", "10")))
     inputs, err = read_inputs(shell, operands, stdin, lambda p, r: f"head: cannot open '{p}' for reading: {r}\n")
@@ -55,7 +64,7 @@ def head(shell: "Shell", args: list[str], stdin: str | None) -> Output:
     return _with_headers(inputs, body, len(operands) > 1), err
 
 
-def tail(shell: "Shell", args: list[str], stdin: str | None) -> Output:
+def tail(shell: Shell, args: list[str], stdin: str | None) -> Output:
     opts, operands = parse_options("tail", numeric_shorthand(args), valued="n")
     value = str(opts.get("n", "10"))
     n = abs(parse_count("tail", value))
@@ -109,7 +118,7 @@ def _to_python_regex(pattern: str, extended: bool) -> str:
     return "".join(out)
 
 
-def _walk_files(shell: "Shell", path: str, prefix: str | None = None) -> list[str]:
+def _walk_files(shell: Shell, path: str, prefix: str | None = None) -> list[str]:
     """``path`` itself unless it is a directory; then every file below it, sorted, each name starting with
     ``prefix`` (default ``path/``) (for ``grep -r``)."""
     try:
@@ -122,7 +131,7 @@ def _walk_files(shell: "Shell", path: str, prefix: str | None = None) -> list[st
     return [name for child in sorted(node) for name in _walk_files(shell, prefix + child)]
 
 
-def grep(shell: "Shell", args: list[str], stdin: str | None) -> Output:
+def grep(shell: Shell, args: list[str], stdin: str | None) -> Output:
     opts, operands = parse_options("grep", args, flags="civnlowxEFrhH", valued="e")
     if "e" in opts:
         pattern = str(opts["e"])
@@ -176,7 +185,7 @@ def _grep_lines(compiled, inputs: list[tuple[str, str]], opts: dict, several: bo
     return out
 
 
-def wc(shell: "Shell", args: list[str], stdin: str | None) -> Output:
+def wc(shell: Shell, args: list[str], stdin: str | None) -> Output:
     opts, operands = parse_options("wc", args, flags="lwc")
     which = [k for k in "lwc" if opts.get(k)] or ["l", "w", "c"]
     inputs, err = read_inputs(shell, operands, stdin, lambda p, r: f"wc: {p}: {r}\n")
@@ -221,7 +230,7 @@ def _sort_key_fn(opts: dict):
     return key
 
 
-def sort(shell: "Shell", args: list[str], stdin: str | None) -> Output:
+def sort(shell: Shell, args: list[str], stdin: str | None) -> Output:
     opts, operands = parse_options("sort", args, flags="nru", valued="kt")
     key = _sort_key_fn(opts)
     inputs, err = read_inputs(shell, operands, stdin, lambda p, r: f"sort: cannot read: {p}: {r}\n")
@@ -245,7 +254,7 @@ def sort(shell: "Shell", args: list[str], stdin: str | None) -> Output:
     return join_lines(lines), ""
 
 
-def uniq(shell: "Shell", args: list[str], stdin: str | None) -> Output:
+def uniq(shell: Shell, args: list[str], stdin: str | None) -> Output:
     opts, operands = parse_options("uniq", args, flags="cdu")
     if len(operands) > 1:
         raise usage_error("uniq", f"extra operand '{operands[1]}'")
@@ -279,7 +288,7 @@ def _cut_list(spec: str) -> list[tuple[int, int]]:
     return ranges
 
 
-def cut(shell: "Shell", args: list[str], stdin: str | None) -> Output:
+def cut(shell: Shell, args: list[str], stdin: str | None) -> Output:
     opts, operands = parse_options("cut", args, valued="dfc")
     if "f" not in opts and "c" not in opts:
         raise usage_error("cut", "you must specify a list of bytes, characters, or fields")
@@ -305,7 +314,7 @@ def cut(shell: "Shell", args: list[str], stdin: str | None) -> Output:
     return join_lines(out), err
 
 
-def echo(shell: "Shell", args: list[str], stdin: str | None) -> Output:
+def echo(shell: Shell, args: list[str], stdin: str | None) -> Output:
     if args and args[0] == "-n":
         return " ".join(args[1:]), ""
     return " ".join(args) + "\n", ""
