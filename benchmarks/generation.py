@@ -48,7 +48,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads (1 on a shared machine: busy cores make multi-threaded kernels stall)")
+    parser.add_argument("--tiny", action="store_true",
+                        help="a seconds-long run on the tiny random model (keeps the script from rotting; tested)")
     args = parser.parse_args(argv)
+    if args.tiny:
+        args.model, args.group_size, args.max_new_tokens, args.threads = "tiny-random", 2, 4, 1
     if args.threads is not None:
         torch.set_num_threads(args.threads)
 

@@ -20,10 +20,6 @@ BENCHMARKS = ["logprob_memory", "echo_overhead", "train_step", "online_step", "g
 @pytest.mark.parametrize("name", BENCHMARKS)
 def test_benchmark_runs_in_tiny_mode(name, tmp_path):
     script = ROOT / "benchmarks" / f"{name}.py"
-    if not script.is_file():
-        pytest.skip(f"{script.name} is not in this tree")
-    if "--tiny" not in script.read_text():
-        pytest.skip(f"{script.name} has no --tiny mode yet")
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
     proc = subprocess.run([sys.executable, str(script), "--tiny"], cwd=tmp_path, env=env, capture_output=True,
                           text=True, timeout=600)

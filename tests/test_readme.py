@@ -13,10 +13,6 @@ SNIPPETS = re.findall(r"```python\n(.*?)```", README, flags=re.S)
 
 @pytest.mark.parametrize("index", range(len(SNIPPETS)))
 def test_python_snippet_runs(index, tmp_path):
-    import lit_echo.logprobs
-
-    if "token_logprobs_and_roles" in SNIPPETS[index] and not hasattr(lit_echo.logprobs, "token_logprobs_and_roles"):
-        pytest.skip("lit_echo.logprobs.token_logprobs_and_roles is not on this branch yet")
     os.chdir(REPO)
     scope: dict = {}
     exec(compile(SNIPPETS[index], f"README.md snippet {index}", "exec"), scope)
