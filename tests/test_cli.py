@@ -84,8 +84,6 @@ def test_help_describes_every_model_option(capsys):
     assert "Trainer's accumulate_grad_batches" in " ".join(described["--model.micro_batch_size"].split())
 
 
-@pytest.mark.xfail(strict=False, reason="the data modules' docstrings (reader/online branches) list some arguments "
-                                        "together; jsonargparse needs one Args: entry per argument")
 @pytest.mark.parametrize("data_class", ["lit_echo.RolloutDataModule", "lit_echo.online.OnlineRolloutDataModule"])
 def test_help_describes_every_data_option(data_class, capsys):
     with pytest.raises(SystemExit):

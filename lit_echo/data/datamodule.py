@@ -40,7 +40,7 @@ class RolloutDataModule(L.LightningDataModule):
 
     Args:
         train_path: file, directory or glob of ``.jsonl`` / ``.jsonl.gz`` rollouts (or a list of them).
-        val_path: held-out rollouts for ``val/world_nll`` and ``val/world_acc``; None disables validation.
+        val_path: held-out rollouts for ``val/world/nll_observation`` and ``val/world/acc_observation``; None disables validation.
         tokenizer: name or path of the tokenizer that renders messages records; normally linked to the model's
             ``model.model_name_or_path`` by the CLI.
         batch_size: rollouts per optimizer step of one rank (the module splits them into
@@ -48,7 +48,9 @@ class RolloutDataModule(L.LightningDataModule):
         val_batch_size: defaults to ``batch_size``.
         max_length: tokens per rollout after truncation (None: no limit).
         truncation: "right" keeps the first ``max_length`` tokens; "drop" leaves over-long rollouts out.
-        shuffle, shuffle_buffer, seed: seeded streaming shuffle (``shuffle_buffer`` records in memory).
+        shuffle: shuffle the training stream (a seeded streaming shuffle; groups stay together).
+        shuffle_buffer: records held in memory by the streaming shuffle.
+        seed: seed of the shuffle (with the epoch, the DDP rank and the dataloader worker).
         repeat: cycle the training buffer forever (train by ``trainer.max_steps``, required then); False: one pass
             per epoch.
         num_workers: dataloader workers; records are sharded across workers and DDP ranks.
