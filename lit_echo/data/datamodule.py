@@ -40,7 +40,8 @@ class RolloutDataModule(L.LightningDataModule):
 
     Args:
         train_path: file, directory or glob of ``.jsonl`` / ``.jsonl.gz`` rollouts (or a list of them).
-        val_path: held-out rollouts for ``val/world/nll_observation`` and ``val/world/acc_observation``; None disables validation.
+        val_path: held-out rollouts for ``val/world/nll_observation`` and ``val/world/acc_observation``; None
+            disables validation.
         tokenizer: name or path of the tokenizer that renders messages records; normally linked to the model's
             ``model.model_name_or_path`` by the CLI.
         batch_size: rollouts per optimizer step of one rank (the module splits them into
