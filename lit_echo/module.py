@@ -507,6 +507,13 @@ class EchoModule(L.LightningModule):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     # ------------------------------------------------------------------ Trainer settings
+    def setup(self, stage: str) -> None:
+        # TensorBoard's placeholder ``hp_metric`` (-1, never updated) reads as a metric of this run; the default
+        # logger of a recipe without a ``logger:`` block would write it. Runs before Lightning logs hyperparameters.
+        for logger in self.trainer.loggers:
+            if hasattr(logger, "_default_hp_metric"):
+                logger._default_hp_metric = False
+
     def configure_callbacks(self) -> list:
         """No callbacks of its own. Lightning calls this hook before it validates the Trainer against manual
         optimization, so Trainer settings this module replaces get an error naming the module's option first."""

@@ -48,6 +48,7 @@ def test_tiny_recipe_trains_and_logs_documented_names(tmp_path):
     acc.Reload()
     scalars = acc.Tags()["scalars"]
     assert all(name in scalars for name in DOCUMENTED), set(DOCUMENTED) - set(scalars)
+    assert "hp_metric" not in scalars
     assert len(acc.Scalars("losses/total")) == 6 and len(acc.Scalars("val/world/nll_observation")) == 2
 
 
