@@ -330,11 +330,21 @@ def test_logged_names_follow_the_shared_scheme(tiny_checkpoint, tmp_path):
 
 
 def test_step_without_targets_logs_counts_not_nll_and_warns_once(tiny_checkpoint, tmp_path, caplog):
-    """max_length shorter than every prompt: nothing to train, said loudly once; no NLL of zero tokens."""
+    """Rollouts with no ACTION/OBSERVATION/WARNING token: nothing to train, said loudly once; no NLL of zero tokens.
+
+    (``max_length`` below every prompt is caught earlier, by the collator at the first batch; this covers every
+    other way a step can end up without targets.)"""
+    from transformers import AutoTokenizer
+
+    ids = AutoTokenizer.from_pretrained(tiny_checkpoint)("a task prompt and nothing to learn")["input_ids"]
+    buffer = tmp_path / "context-only.jsonl"
+    buffer.write_text("".join(json.dumps({"input_ids": ids, "roles": [0] * len(ids), "logprobs": [None] * len(ids),
+                                          "reward": float(i % 2), "group_id": f"g{i // 2}"}) + "\n"
+                              for i in range(8)))
     recorder = MetricRecorder()
     L.seed_everything(0)
     module = EchoModule(str(tiny_checkpoint), lora_rank=4)
-    data = RolloutDataModule(TRAIN, VAL, tokenizer=str(tiny_checkpoint), batch_size=4, max_length=8)
+    data = RolloutDataModule(str(buffer), str(buffer), tokenizer=str(tiny_checkpoint), batch_size=4)
     trainer = L.Trainer(accelerator="cpu", max_steps=2, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
                         callbacks=[recorder], limit_val_batches=1, num_sanity_val_steps=0, val_check_interval=2)

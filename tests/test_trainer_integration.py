@@ -30,7 +30,7 @@ def test_trainer_options_replaced_by_the_module_name_the_module_option(tiny_chec
 def test_a_finite_offline_buffer_trains_by_epochs(tiny_checkpoint):
     """repeat: false makes each epoch one pass over the buffer, so max_epochs ends the fit (no max_steps)."""
     def data():
-        return RolloutDataModule(TRAIN, tokenizer=str(tiny_checkpoint), batch_size=100, max_length=48, repeat=False)
+        return RolloutDataModule(TRAIN, tokenizer=str(tiny_checkpoint), batch_size=100, max_length=160, repeat=False)
 
     per_epoch = len(list(data().train_dataloader()))
     assert per_epoch == 2  # 200 rollouts in batches of 100
