@@ -102,18 +102,24 @@ def truncate_observation(text: str, max_chars: int) -> str:
     return f"{kept}{separator}[observation truncated: {len(text) - max_chars} more characters]\n"
 
 
-def import_env_class(path: str) -> type:
-    """The class named by a dotted import path such as ``"lit_echo.envs.shellworld.ShellWorld"``."""
+def import_object(path: str, option: str = "env_class") -> Any:
+    """The object named by a dotted import path such as ``"lit_echo.envs.shellworld.ShellWorld"``; errors name
+    ``option``, the configuration entry the path came from."""
     module_name, _, name = path.rpartition(".")
     if not module_name:
-        raise ValueError(f"env_class: expected a dotted import path like 'package.module.Class', got {path!r}")
+        raise ValueError(f"{option}: expected a dotted import path like 'package.module.Name', got {path!r}")
     try:
         module = importlib.import_module(module_name)
     except ImportError as err:
-        raise ImportError(f"env_class {path!r}: cannot import module {module_name!r} ({err})") from err
+        raise ImportError(f"{option} {path!r}: cannot import module {module_name!r} ({err})") from err
     if not hasattr(module, name):
-        raise ImportError(f"env_class {path!r}: module {module_name!r} has no attribute {name!r}")
+        raise ImportError(f"{option} {path!r}: module {module_name!r} has no attribute {name!r}")
     return getattr(module, name)
+
+
+def import_env_class(path: str) -> type:
+    """The environment class named by a dotted import path."""
+    return import_object(path, "env_class")
 
 
 @dataclass(frozen=True)

@@ -37,7 +37,6 @@ side file keeps the rest (its ``.untrained`` suffix keeps it out of directory re
 
 from __future__ import annotations
 
-import importlib
 import logging
 import math
 import os
@@ -55,7 +54,7 @@ from torch.utils.data import DataLoader, IterableDataset
 from lit_echo.advantages import grpo_advantages
 from lit_echo.data.buffer import BufferItem, expand_paths
 from lit_echo.data.datamodule import RolloutDataModule
-from lit_echo.envs.base import Environment, import_env_class  # noqa: F401  (re-exported)
+from lit_echo.envs.base import Environment, import_env_class, import_object  # noqa: F401  (import_env_class re-exported)
 from lit_echo.online.agent import run_agent
 from lit_echo.online.generator import GenerationStats, GroupGenerator, SamplingSettings
 from lit_echo.online.reporting import log_generation
@@ -63,19 +62,6 @@ from lit_echo.online.writer import RolloutWriter
 from lit_echo.rollout import Rollout
 
 log = logging.getLogger(__name__)
-
-
-def _import(path: str, option: str) -> Any:
-    module_name, _, name = path.rpartition(".")
-    if not module_name:
-        raise ValueError(f"{option}: expected a dotted import path like 'package.module.Name', got {path!r}")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as err:
-        raise ImportError(f"{option} {path!r}: cannot import module {module_name!r} ({err})") from err
-    if not hasattr(module, name):
-        raise ImportError(f"{option} {path!r}: module {module_name!r} has no attribute {name!r}")
-    return getattr(module, name)
 
 
 @dataclass
@@ -92,7 +78,7 @@ class EnvEntry:
     option: str = "data.env_class"
 
     def __call__(self) -> Environment:
-        return _import(self.class_path, self.option)(**self.kwargs)
+        return import_object(self.class_path, self.option)(**self.kwargs)
 
 
 def _env_specs(env_class: str | None, env_kwargs: dict | None, envs: list[dict] | None) -> list[EnvEntry]:
@@ -100,7 +86,7 @@ def _env_specs(env_class: str | None, env_kwargs: dict | None, envs: list[dict] 
     if envs is None:
         if env_class is None:
             return []
-        cls = _import(env_class, "data.env_class")
+        cls = import_object(env_class, "data.env_class")
         return [EnvEntry(env_class, dict(env_kwargs or {}), 1.0, cls.__name__, "data.env_class")]
     if env_class is not None or env_kwargs:
         raise ValueError("set data.env_class/data.env_kwargs (one environment) or data.envs (a mixture), not both")
@@ -123,7 +109,7 @@ def _env_specs(env_class: str | None, env_kwargs: dict | None, envs: list[dict] 
         init_args = entry.get("init_args") or {}
         if not isinstance(init_args, dict):
             raise TypeError(f"{option}.init_args: expected a mapping of constructor arguments, got {init_args!r}")
-        cls = _import(entry["class_path"], f"{option}.class_path")
+        cls = import_object(entry["class_path"], f"{option}.class_path")
         specs.append(EnvEntry(entry["class_path"], dict(init_args), float(weight), entry.get("name") or cls.__name__,
                              option))
     names = [spec.name for spec in specs]
@@ -335,7 +321,7 @@ class OnlineRolloutDataModule(RolloutDataModule):
         if agent is None and not self.env_specs:
             raise ValueError("no rollout source: set data.env_class (an Environment class), data.envs (a weighted "
                              "mixture) or data.agent (your own agent loop)")
-        self.agent = _import(agent, "data.agent") if isinstance(agent, str) else agent
+        self.agent = import_object(agent, "data.agent") if isinstance(agent, str) else agent
         if self.agent is not None and not callable(self.agent):
             raise TypeError(f"data.agent: expected a callable, got {type(self.agent).__name__}")
         if val_env_kwargs is not None and agent is not None:
