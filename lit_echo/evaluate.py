@@ -20,7 +20,7 @@ import torch
 
 from lit_echo import models
 from lit_echo.data.buffer import RolloutBuffer
-from lit_echo.data.collate import RolloutCollator
+from lit_echo.data.collate import RolloutCollator, pad_token_id
 from lit_echo.envs.base import import_env_class
 from lit_echo.envs.shellworld.expert import seed_range
 from lit_echo.metrics import world_model_sums
@@ -59,7 +59,7 @@ def agent_metrics(policy, tokenizer, env_class: str, env_kwargs: dict, seeds: ra
 
 @torch.no_grad()
 def world_metrics(policy, tokenizer, buffer: str, batch_size: int = 8, max_length: int = 1024) -> dict[str, float]:
-    collate = RolloutCollator(tokenizer.pad_token_id, max_length)
+    collate = RolloutCollator(pad_token_id(tokenizer), max_length)
     items = list(RolloutBuffer(buffer, tokenizer, shuffle=False))
     sums = torch.zeros(3, dtype=torch.float64)
     for start in range(0, len(items), batch_size):

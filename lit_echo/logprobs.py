@@ -39,6 +39,11 @@ LMHead = nn.Module | torch.Tensor | tuple  # nn.Linear / any module, weight [V, 
 CHUNK_ELEMENTS = 2**24
 
 
+def default_chunk_size(vocab_size: int) -> int:
+    """Positions per LM-head chunk so that one chunk's float32 logits take about ``CHUNK_ELEMENTS`` elements."""
+    return max(1, CHUNK_ELEMENTS // vocab_size)
+
+
 def chunked_logprobs(hidden: torch.Tensor, lm_head: LMHead, targets: torch.Tensor, *, temperature: float = 1.0,
                      temperature_mask: torch.Tensor | None = None, chunk_size: int | None = None,
                      return_entropy: bool = False):
@@ -64,7 +69,7 @@ def chunked_logprobs(hidden: torch.Tensor, lm_head: LMHead, targets: torch.Tenso
     weight, bias, module = _resolve_head(lm_head)
     if chunk_size is None:
         vocab = weight.shape[0] if weight is not None else _module_vocab(module, hidden)
-        chunk_size = max(1, CHUNK_ELEMENTS // vocab)
+        chunk_size = default_chunk_size(vocab)
     if chunk_size < 1:
         raise ValueError(f"chunk_size: expected >= 1, got {chunk_size}")
     flat_hidden = hidden.reshape(-1, size)  # [N, H]

@@ -29,7 +29,7 @@ from lightning.pytorch.trainer.states import TrainerFn
 from torch.nn.modules.module import _IncompatibleKeys
 
 from lit_echo import models
-from lit_echo.logprobs import CHUNK_ELEMENTS, target_logprobs
+from lit_echo.logprobs import default_chunk_size, target_logprobs
 from lit_echo.losses import LossConfig, PawConfig, compute_normalizers, echo_loss, metrics_to_sums, sums_to_metrics
 from lit_echo.metrics import world_model_sums
 from lit_echo.paw import (
@@ -463,7 +463,7 @@ class EchoModule(L.LightningModule):
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         """World-model NLL and accuracy on OBSERVATION targets, in micro-batches of ``micro_batch_size`` rows."""
         head = models.output_head(self.model)
-        chunk = self.hparams.logprob_chunk_size or CHUNK_ELEMENTS // self.model.config.vocab_size
+        chunk = self.hparams.logprob_chunk_size or default_chunk_size(self.model.config.vocab_size)
         for mb in length_sorted_micro_batches(batch, self.hparams.micro_batch_size):
             hidden = models.hidden_states(self.model, mb.input_ids, mb.attention_mask)  # [b, w, H]
             roles = batch["roles"][mb.rows, :mb.input_ids.shape[1]]  # [b, w] unshifted

@@ -49,6 +49,7 @@ from typing import Any, Literal
 import torch
 
 from lit_echo.chat import RolloutBuilder
+from lit_echo.data.collate import pad_token_id
 from lit_echo.envs.base import Environment, StepResult, truncate_observation  # noqa: F401  (re-exported)
 from lit_echo.models import _causal_lm
 from lit_echo.online.decoding import CachedRows, exponential_noise, kv_reuse_supported, sample_tokens
@@ -233,10 +234,7 @@ class GroupGenerator:
         self._envs: list[Environment] = []
         if self.settings.env_isolation == "process":
             ProcessEnv(env_factory, self.settings.env_step_timeout_s).close()  # fail now if it cannot work
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        if pad is None:
-            raise ValueError("the tokenizer has neither a pad nor an eos token; set tokenizer.pad_token")
-        self.pad_token_id = int(pad)
+        self.pad_token_id = pad_token_id(tokenizer)
         self._warned_no_kv_reuse = False
 
     # ------------------------------------------------------------------ public
