@@ -33,7 +33,6 @@ The episode ends when the game is won or lost (the generator's ``max_turns`` end
 from __future__ import annotations
 
 import argparse
-import glob
 import os
 import re
 import shutil
@@ -42,6 +41,7 @@ import sys
 from pathlib import Path
 from typing import Any, Literal
 
+from lit_echo.data.paths import find_files
 from lit_echo.envs.actions import EMPTY_ACTION_WARNING, NO_ACTION_WARNING, extract_action
 from lit_echo.envs.base import StepResult
 
@@ -67,20 +67,11 @@ def _import_textworld():
 
 def find_games(games: str | os.PathLike | list[str | os.PathLike]) -> list[Path]:
     """Sorted game files named by ``games``: files, directories (their ``*.z8`` / ``*.ulx``) or globs."""
-    items = games if isinstance(games, list) else [games]
-    found: set[Path] = set()
-    for item in items:
-        path = Path(item).expanduser()
-        if path.is_dir():
-            found.update(p for p in path.iterdir() if p.suffix in GAME_SUFFIXES)
-        elif path.is_file():
-            found.add(path)
-        else:
-            found.update(Path(p) for p in glob.glob(str(path)) if Path(p).suffix in GAME_SUFFIXES)
-    if not found:
-        raise FileNotFoundError(f"no TextWorld games (*.z8, *.ulx) found at {items!r}; make some with "
-                                "`python -m lit_echo.envs.textworld --out DIR` or tw-make")
-    return sorted(found)
+    try:
+        return find_files(games, GAME_SUFFIXES, what="TextWorld games (*.z8, *.ulx)", recursive=False)
+    except FileNotFoundError as err:
+        raise FileNotFoundError(f"{err}; make some with `python -m lit_echo.envs.textworld --out DIR` or tw-make"
+                                ) from None
 
 
 def clean_feedback(text: str) -> str:
