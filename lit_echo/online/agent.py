@@ -34,7 +34,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from lit_echo.chat import RolloutBuilder
-from lit_echo.online.generator import GenerationStats
+from lit_echo.online.generator import GenerationStats, plain_sampling_kwargs
 from lit_echo.roles import Role
 from lit_echo.rollout import Rollout
 
@@ -48,11 +48,9 @@ def sample_turn(model, builder: RolloutBuilder, temperature: float, max_new_toke
     Plain sampling: top-p, top-k and every other logits processor are off, so the stored log-probs are those the
     trainer recomputes. A turn cut at ``max_new_tokens`` is closed by the builder (end-of-turn as CONTEXT)."""
     prompt = torch.tensor([builder.prompt_ids()], device=model.get_input_embeddings().weight.device)  # [1, P]
-    out = model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), do_sample=True,
-                         temperature=temperature, top_p=1.0, top_k=0, min_p=0.0, typical_p=1.0,
-                         repetition_penalty=1.0, no_repeat_ngram_size=0, max_new_tokens=max_new_tokens,
-                         eos_token_id=builder.end_of_turn_id, pad_token_id=builder.end_of_turn_id,
-                         output_logits=True, return_dict_in_generate=True)
+    out = model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt),
+                         **plain_sampling_kwargs(temperature, 1.0, end_of_turn=builder.end_of_turn_id,
+                                                 pad_token_id=builder.end_of_turn_id, max_new_tokens=max_new_tokens))
     ids = out.sequences[0, prompt.shape[1]:].tolist()  # [S]; batch of one: no padding after end-of-turn
     logprobs = [torch.log_softmax(step[0].float() / temperature, dim=-1)[token].item()
                 for step, token in zip(out.logits, ids)]

@@ -211,6 +211,20 @@ class _PrefillTimer:
 
 
 
+def plain_sampling_kwargs(temperature: float, top_p: float, *, end_of_turn: int, pad_token_id: int,
+                          max_new_tokens: int) -> dict[str, Any]:
+    """HF ``generate`` arguments that sample from ``softmax(logits / temperature)`` (nucleus ``top_p``) and nothing
+    else, returning the raw logits of every step.
+
+    Every processor that would change the sampling distribution is set explicitly: values left unset are filled
+    from the checkpoint's generation_config (e.g. a repetition penalty), which the trainer cannot reproduce when it
+    recomputes log-probs."""
+    return dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0, min_p=0.0, typical_p=1.0,
+                epsilon_cutoff=0.0, eta_cutoff=0.0, repetition_penalty=1.0, no_repeat_ngram_size=0,
+                min_new_tokens=0, max_new_tokens=max_new_tokens, eos_token_id=end_of_turn,
+                pad_token_id=pad_token_id, use_cache=True, output_logits=True, return_dict_in_generate=True)
+
+
 class GroupGenerator:
     """Samples groups of rollouts from a policy in an environment.
 
@@ -434,15 +448,8 @@ class GroupGenerator:
                  stats.sampled_tokens, stats.sampled_tokens / max(seconds, 1e-9), seconds)
 
     def _generate_kwargs(self, end_of_turn: int, max_new_tokens: int) -> dict[str, Any]:
-        s = self.settings
-        # Every processor that would change the sampling distribution is set explicitly: values left unset are
-        # filled from the checkpoint's generation_config (e.g. a repetition penalty), which the trainer cannot
-        # reproduce when it recomputes log-probs.
-        return dict(do_sample=True, temperature=s.temperature, top_p=s.top_p, top_k=0, min_p=0.0,
-                    typical_p=1.0, epsilon_cutoff=0.0, eta_cutoff=0.0, repetition_penalty=1.0,
-                    no_repeat_ngram_size=0, min_new_tokens=0, max_new_tokens=max_new_tokens,
-                    eos_token_id=end_of_turn, pad_token_id=self.pad_token_id, use_cache=True,
-                    output_logits=True, return_dict_in_generate=True)
+        return plain_sampling_kwargs(self.settings.temperature, self.settings.top_p, end_of_turn=end_of_turn,
+                                     pad_token_id=self.pad_token_id, max_new_tokens=max_new_tokens)
 
     # ------------------------------------------------------------------ environment
     def _new_env(self) -> Environment:
