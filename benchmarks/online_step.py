@@ -1,5 +1,10 @@
-"""One demo-like online ECHO step, timed by phase: today's generation (one HF ``generate`` per turn) vs the
-KV-cache generation (shared opening prefilled once, each turn prefills only its new tokens), in the same run.
+"""One demo-like online ECHO step, timed by phase: today's path vs the new one, in the same run.
+
+* today's path: one HF ``generate`` per turn (every turn prefills every row's whole conversation); a float32 base
+  under bf16 autocast (each matmul casts its weight at every forward).
+* new path: the KV cache kept across the group and the turns (shared opening prefilled once, each turn prefills
+  only its new tokens), grouped-query decode attention on CPU (``lit_echo.online.attention``), and, where bf16
+  is native, the frozen base stored in bf16 (``EchoModule(dtype="auto")`` under ``bf16-mixed``).
 
 A step = generate one group of G rollouts of a ShellWorld task (SmolLM2-135M-Instruct + LoRA r=16, up to 4 turns
 of at most 48 new tokens, temperature 0.8: configs/demo.yaml's sampling) + one ``EchoModule.training_step`` on
@@ -27,6 +32,7 @@ from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import torch
+from base_weights import BaseWeights  # noqa: E402  (benchmarks/, the script's own folder)
 from torch.utils.data import DataLoader, IterableDataset
 
 from lit_echo import models
@@ -79,8 +85,8 @@ class _Steps(IterableDataset):
 
 
 class Bench:
-    def __init__(self, args, module, tokenizer, autocast):
-        self.args, self.module, self.autocast = args, module, autocast
+    def __init__(self, args, module, tokenizer, autocast, weights: BaseWeights):
+        self.args, self.module, self.autocast, self.weights = args, module, autocast, weights
         self.arms = {name: Arm() for name in ARMS}
         self.collate = RolloutCollator(tokenizer.pad_token_id, max_length=args.max_total_tokens)
         self.generators = {
@@ -105,6 +111,7 @@ class Bench:
         torch.manual_seed(step)
         generator = self.generators[arm] if step >= 2 else self.warmup
         generator.settings.kv_cache = arm == "kv_cache"
+        self.weights.use(arm)
         with self.autocast():
             rollouts, stats = generator.generate_group(self.module.model, seed, self.args.group_size)
         for rollout, advantage in zip(rollouts, grpo_advantages([r.reward for r in rollouts],
@@ -150,17 +157,20 @@ def main(argv: list[str] | None = None) -> None:
     from lit_echo.module import EchoModule
 
     torch.manual_seed(0)
+    # dtype float32: the module keeps a float32 base; the new arm's bf16 copy is swapped in by BaseWeights.
     module = EchoModule(args.model, lora_rank=16, lora_alpha=32, temperature=args.temperature, world_coef=0.05,
-                        lr=1e-4, micro_batch_size=args.micro_batch_size)
+                        lr=1e-4, micro_batch_size=args.micro_batch_size, dtype="float32")
     tokenizer = models.load_tokenizer(args.model)
 
     def autocast():
         return torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else nullcontext()
 
-    bench = Bench(args, module, tokenizer, autocast)
+    weights = BaseWeights(module.model, {"generate": None, "kv_cache": torch.bfloat16 if bf16 else None})
+    bench = Bench(args, module, tokenizer, autocast, weights)
 
     class TimeTraining(pl.Callback):
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            bench.weights.use(bench.arm_of(batch["_bench_step"]))
             self.started = time.perf_counter()
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
@@ -185,7 +195,8 @@ def main(argv: list[str] | None = None) -> None:
     peak = max(peaks)
 
     body, head = linear_parameters(module.model)
-    print(f"model {args.model}, {'bf16 autocast' if bf16 else 'float32'}, G = {args.group_size}, up to "
+    precision = "bf16 autocast (new path: base stored in bf16)" if bf16 else "float32"
+    print(f"model {args.model}, {precision}, G = {args.group_size}, up to "
           f"{args.max_turns} turns of {args.max_new_tokens} new tokens, {args.pairs} measured steps per arm "
           f"(ABBA), torch threads {torch.get_num_threads()}, cores {len(os.sched_getaffinity(0))}, "
           f"avx512_bf16 {native_bf16('cpu')}; peak matmul {peak / 1e9:.1f} GFLOP/s; wall {wall:.0f} s")

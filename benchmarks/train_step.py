@@ -7,7 +7,10 @@ as a check.
 * today's path: the batch's micro-batches in their original order at the full padded width; the LM head, its
   softmax and the entropy on every position (``chunked_logprobs`` over [B, T-1]); ``echo_loss``; backward.
 * new path: ``EchoModule.forward_backward``: rows sorted by length, each micro-batch cut to its own longest row;
-  the head only on ACTION / OBSERVATION / WARNING targets, the entropy only on ACTION targets.
+  the head only on ACTION / OBSERVATION / WARNING targets, the entropy only on ACTION targets; under bf16 the
+  frozen float32 base stored in bf16 (what ``EchoModule(dtype="auto")`` does under ``bf16-mixed``), where today's
+  path cast every weight at every forward. The gradient check then differs by bf16 rounding of the residual stream;
+  ``--same-base`` keeps today's float32 base in both arms (gradients equal to float rounding).
 
 The batch: 8 rollouts of ShellWorld expert data (``data/shellworld/expert-train.jsonl.gz``) rendered with the model's
 chat template, random advantages, on-policy. SmolLM2-135M-Instruct + LoRA (rank 16, all linear layers), temperature
@@ -31,6 +34,8 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from base_weights import BaseWeights  # noqa: E402  (benchmarks/, the script's own folder)
 
 from lit_echo import models  # noqa: E402
 from lit_echo.logprobs import chunked_logprobs  # noqa: E402
@@ -87,6 +92,8 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
                         help="auto: bf16 autocast where the CPU has native bf16, else float32")
+    parser.add_argument("--same-base", action="store_true",
+                        help="both arms on today's float32 base (isolates the head/padding savings)")
     args = parser.parse_args()
     pairs = args.pairs or (2 if args.tiny else 5)
     rollouts = args.rollouts or (4 if args.tiny else 8)
@@ -115,8 +122,11 @@ def main() -> None:
         if "lora_B" in name:
             p.data.normal_(0, 0.02, generator=gen)
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16)
+    weights = BaseWeights(module.model, {todays_step.__name__: None,
+                                         new_step.__name__: torch.bfloat16 if bf16 and not args.same_base else None})
 
     def timed(step) -> tuple[float, dict[str, torch.Tensor]]:
+        weights.use(step.__name__)
         module.model.zero_grad(set_to_none=True)
         start = time.perf_counter()
         with autocast:
@@ -150,7 +160,8 @@ def main() -> None:
     print(f"# {'tiny random Qwen2' if args.tiny else args.model} + LoRA r16; batch {rows} rollouts, "
           f"padded width {width}, {tokens} real tokens ({tokens / (rows * width):.0%} of the padded batch); "
           f"head positions: today {rows * (width - 1)}, new {scored}; micro_batch_size {args.micro_batch_size}; "
-          f"{pairs} pairs after {args.warmup} warm-up")
+          f"{pairs} pairs after {args.warmup} warm-up; new path's base: "
+          f"{'bf16' if bf16 and not args.same_base else 'as loaded (float32)'}")
     print(f"today's path: median step {statistics.median(old_times):.3f} s, "
           f"{tokens / statistics.median(old_times):.0f} training tokens/s")
     print(f"new path:     median step {statistics.median(new_times):.3f} s, "

@@ -145,6 +145,38 @@ def build_model(
         return get_peft_model(model, lora)
 
 
+def base_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype of the input embedding weights: the dtype the base model was loaded (or stored) in."""
+    return model.get_input_embeddings().weight.dtype
+
+
+def store_frozen_linears_in(model: nn.Module, dtype: torch.dtype) -> int:
+    """Store the frozen weights and biases of ``model``'s linear layers in ``dtype``, in place; returns how many
+    parameters (elements) were cast. Trainable ones (the LoRA matrices) keep their dtype.
+
+    This is what autocast to ``dtype`` does to those weights at every forward, done once: under that autocast
+    the model computes exactly the same numbers, without re-casting every weight at every step. Everything else
+    (embeddings, norms) keeps its dtype, so the residual stream stays as it was. An output head tied to the input
+    embedding gets its own ``dtype`` copy (the embedding keeps its dtype). Quantized (bitsandbytes) weights are not
+    floating point and are left alone.
+    """
+    cast = 0
+    embedding = model.get_input_embeddings().weight
+    for module in model.modules():
+        if not isinstance(module, nn.Linear):
+            continue
+        for name in ("weight", "bias"):
+            param = getattr(module, name, None)
+            if param is None or param.requires_grad or not param.is_floating_point() or param.dtype == dtype:
+                continue
+            if param is embedding:  # tied head: a separate copy, the embedding stays as it is
+                setattr(module, name, nn.Parameter(param.detach().to(dtype), requires_grad=False))
+            else:
+                param.data = param.data.to(dtype)
+            cast += param.numel()
+    return cast
+
+
 def _enable_gradient_checkpointing(model: nn.Module) -> None:
     """Non-reentrant activation checkpointing on every decoder layer.
 
@@ -370,7 +402,13 @@ def export_merged(model: PeftModel, path: str | os.PathLike, *,
                          "`lit-echo export --model BASE --adapter DIR --out OUT` merges it into an unquantized "
                          "load of the base")
     path = Path(path)
-    merged = copy.deepcopy(model).merge_and_unload()
+    merged = copy.deepcopy(model)
+    # A float32 checkpoint trained with its frozen weights stored in bf16 (EchoModule's dtype="auto" under
+    # bf16-mixed) is merged in float32, so the LoRA update is not rounded away into bf16 weights.
+    checkpoint_dtype = getattr(causal_lm.config, "dtype", None) or getattr(causal_lm.config, "torch_dtype", None)
+    if checkpoint_dtype in (torch.float32, "float32"):
+        merged.to(torch.float32)
+    merged = merged.merge_and_unload()
     merged.save_pretrained(path)
     if tokenizer is not None:
         tokenizer.save_pretrained(path)

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-BENCHMARKS = ["logprob_memory", "echo_overhead", "train_step", "online_step", "generation"]
+BENCHMARKS = ["logprob_memory", "echo_overhead", "train_step", "online_step", "generation", "decode_step"]
 
 
 @pytest.mark.parametrize("name", BENCHMARKS)

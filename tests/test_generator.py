@@ -179,6 +179,37 @@ def test_kv_cache_path_samples_what_the_generate_path_samples(model, tokenizer, 
     _assert_logprobs_match_a_fresh_forward(model, cached, temperature)
 
 
+def test_several_tasks_in_one_batch(model, tokenizer):
+    """generate_groups: each task's rows come back as its own group (its seed, its opening, its group id), the
+    roles decode to what the environment saw and said, the cached and the generate path draw the same ids from
+    rows of different openings, and stored log-probs equal a fresh forward."""
+    results = {}
+    for kv_cache in (False, True):
+        generator = GroupGenerator(UnevenEnv, tokenizer, SamplingSettings(temperature=0.9, max_new_tokens=8,
+                                                                           max_turns=4, kv_cache=kv_cache))
+        torch.manual_seed(5)
+        results[kv_cache] = generator.generate_groups(model, [7, 12, 30], 2, group_ids=["a", "b", "c"])
+    (reference, _), (groups, stats) = results[False], results[True]
+    assert [len(g) for g in groups] == [2, 2, 2] and stats.rollouts == 6
+    envs = iter(_envs(generator))  # row order: the G instances of the first task, then of the second, ...
+    for group, seed, group_id, reference_group in zip(groups, [7, 12, 30], "abc", reference):
+        for rollout, expected in zip(group, reference_group):
+            env = next(envs)
+            assert rollout.group_id == group_id and rollout.metadata["env_seed"] == seed
+            assert f"Task {seed}:" in rollout.metadata["task"]
+            assert rollout.input_ids == expected.input_ids and rollout.roles == expected.roles
+            spans = role_spans_text(tokenizer, rollout.input_ids, rollout.roles)
+            assert f"Task {seed}: say anything." in "".join(text for role, text in spans if role == Role.CONTEXT)
+            assert [text for role, text in spans if role == Role.OBSERVATION] == env.observations
+            actions = [text for role, text in spans if role == Role.ACTION]
+            assert len(actions) == len(env.actions) >= 1
+            for text, action in zip(actions, env.actions):
+                assert text in (action, action + END)
+    _assert_logprobs_match_a_fresh_forward(model, [r for g in groups for r in g], 0.9)
+    with pytest.raises(ValueError, match="group_ids"):
+        generator.generate_groups(model, [1, 2], 2, group_ids=["x"])
+
+
 def test_the_shared_opening_is_prefilled_once(model, tokenizer):
     """Turn 1 of the cached path: the opening minus its last token once (batch 1), then that last token for each
     row; the reference path prefills the whole opening for every row."""

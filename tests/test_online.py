@@ -134,6 +134,34 @@ def test_online_fit_writes_every_rollout_and_restart_appends(tiny_checkpoint, tm
     assert len(list(RolloutBuffer(path, shuffle=False, on_bad_record="raise"))) == after.count(b"\n")
 
 
+def test_a_steps_groups_are_sampled_together_per_environment(tiny_checkpoint, tmp_path):
+    """groups_per_step 3 of a two-environment mixture, sampled as one batch per environment: every group keeps its
+    own seed, environment, group id, index and advantages (mean 0 within the group), in index order on disk; the
+    trained rows are those rows; validation through environments samples its seeds together too."""
+    envs = [{"class_path": "lit_echo.envs.shellworld.ShellWorld", "init_args": {"split": "train"}, "name": "shell"},
+            {"class_path": GUESS, "init_args": {"high": 7}, "name": "guess"}]
+    trainer, data, batches = _fit(tiny_checkpoint, tmp_path, max_steps=2, env_class=None, env_kwargs=None,
+                                  envs=envs, groups_per_step=3, generate_every=1, val_env_kwargs={},
+                                  val_episodes=5)
+    trainer.validate(trainer.lightning_module, datamodule=data)
+    stored = [Rollout.from_json(line)
+              for line in (tmp_path / "rollouts" / "rollouts-rank0.jsonl").read_text().splitlines()]
+    assert [r.metadata["group_index"] for r in stored[:12]] == [0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5]
+    names = set()
+    for group in zip(stored[0:12:2], stored[1:12:2]):
+        (a, b), index = group, group[0].metadata["group_index"]
+        assert a.metadata["env_seed"] == b.metadata["env_seed"] == index  # env_seed 0, one rank
+        assert a.group_id == b.group_id == f"{a.metadata['env']}-seed{index}"
+        assert a.metadata["env"] == b.metadata["env"] and a.metadata["train_step"] == index // 3
+        assert a.advantage + b.advantage == pytest.approx(0.0, abs=1e-6)
+        names.add(a.metadata["env"])
+    assert names == {"shell", "guess"}, "the mixture should pick both environments over six seeds"
+    trained = [row for batch in batches for row in _rows(batch)]
+    assert [(ids, roles) for ids, roles, _, _ in trained] == [(r.input_ids, r.roles) for r in stored[:12]]
+    scalars = _scalars(tmp_path / "tb")
+    assert scalars.get("val/rollout/turns_mean"), sorted(scalars)  # the validation episodes were played
+
+
 def test_failing_environment_does_not_stop_training_and_offline_mix(tiny_checkpoint, tmp_path):
     trainer, data, batches = _fit(
         tiny_checkpoint, tmp_path, max_steps=2, env_class=f"{FlakyEnv.__module__}.FlakyEnv", env_kwargs={},

@@ -64,7 +64,8 @@ def _play(policy, tokenizer, spec: GridSpec, split: str, path: Path) -> dict[str
 
     try:
         agent = agent_metrics(policy, tokenizer, ENV_CLASS, {"split": split}, range(spec.eval_tasks),
-                              spec.eval_samples, sampling_settings(spec), on_group=keep)
+                              spec.eval_samples, sampling_settings(spec), on_group=keep,
+                              tasks_per_batch=spec.eval_tasks_per_batch)
     finally:
         writer.close()
     low, high = task_bootstrap_interval(successes, episodes)
@@ -81,7 +82,7 @@ def evaluate_point(spec: GridSpec, adapter: Path, point_dir: Path, expert_buffer
         shutil.rmtree(point_dir)
     point_dir.mkdir(parents=True)
     tokenizer = models.load_tokenizer(spec.model)
-    policy = load_policy(spec.model, str(adapter))
+    policy = load_policy(spec.model, str(adapter), bf16=spec.precision == "bf16-mixed")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     policy.to(device)
     row: dict[str, float] = {}

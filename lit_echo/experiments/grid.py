@@ -51,7 +51,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
+from lit_echo.precision import AUTO, accelerator_device_type, resolve_precision
 
 # Held-out ShellWorld splits every point is evaluated on: unseen file trees, unseen task types.
 EVAL_SPLITS = ("heldout_trees", "heldout_tasks")
@@ -82,10 +82,9 @@ def arms(online_steps: int) -> tuple[Arm, ...]:
 
 
 def default_precision() -> str:
-    """bf16 autocast where the hardware has native bf16 (about 5x faster on such CPUs), else float32."""
-    if torch.cuda.is_available():
-        return "bf16-mixed" if torch.cuda.is_bf16_supported() else "32-true"
-    return "bf16-mixed" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "32-true"
+    """``precision: auto`` resolved on this machine (:mod:`lit_echo.precision`): bf16 autocast where the hardware
+    computes bf16 natively, else float32 (float16 autocast on a GPU without bf16)."""
+    return str(resolve_precision(AUTO, accelerator_device_type(AUTO))[0])
 
 
 @dataclass(frozen=True)
@@ -103,7 +102,8 @@ class GridSpec:
     Sampling (training and evaluation alike): ``temperature``, ``max_new_tokens`` per turn, ``max_turns``,
     ``max_total_tokens``, ``max_observation_chars``; ``max_length`` cuts training rows.
     Evaluation, per point and per held-out split (:data:`EVAL_SPLITS`): ``eval_tasks`` task seeds
-    (0..eval_tasks-1) times ``eval_samples`` episodes, torch seed ``eval_torch_seed`` (identical for every point).
+    (0..eval_tasks-1) times ``eval_samples`` episodes, torch seed ``eval_torch_seed`` (identical for every point),
+    ``eval_tasks_per_batch`` tasks sampled together.
     """
 
     model: str
@@ -131,6 +131,7 @@ class GridSpec:
     lora_alpha: int = 32
     env_seed: int = 100_000
     eval_torch_seed: int = 0
+    eval_tasks_per_batch: int = 1
 
     def eval_steps(self) -> list[int]:
         """Online steps whose adapter is evaluated (the warm start, step 0, is evaluated once for all runs)."""

@@ -4,7 +4,7 @@ Data flow (main process, ``num_workers=0``)::
 
     every ``generate_every`` optimizer steps:
         groups_per_step * generate_every groups of ``group_size`` rollouts  (GroupGenerator or your agent loop,
-        current weights) -> GRPO advantages per group -> appended to ``buffer_dir/rollouts-rank{R}.jsonl``
+        current weights; ``groups_per_batch`` groups sampled together) -> GRPO advantages per group -> appended to ``buffer_dir/rollouts-rank{R}.jsonl``
         (fsync per group) -> yielded as ``generate_every`` batches, each ``groups_per_step * group_size`` online
         rollouts plus ``offline_per_step`` rollouts from ``offline_path``
 
@@ -243,6 +243,10 @@ class OnlineRolloutDataModule(RolloutDataModule):
             rollouts.
         generate_every: optimizer steps per generation round; a round generates that many steps' worth of
             groups.
+        groups_per_batch: groups sampled together as one batch (``groups_per_batch * group_size`` rows per
+            forward; one decode step of several groups costs little more than one where reading the weights
+            bounds it). None: all of a step's groups (``groups_per_step``); 1: one group at a time (least
+            memory). Validation samples that many rows together too.
         batch_size: rollouts per step; None derives it (online + offline rows); a given value must
             match.
         top_p: nucleus sampling (1.0 samples the full distribution). The temperature is the
@@ -286,7 +290,8 @@ class OnlineRolloutDataModule(RolloutDataModule):
     def __init__(self, env_class: str | None = None, env_kwargs: dict | None = None,
                  envs: list[dict[str, Any]] | None = None, agent: Callable | str | None = None, env_seed: int = 0,
                  group_size: int = 8, groups_per_step: int = 1, generate_every: int = 1,
-                 batch_size: int | None = None, top_p: float = 1.0, max_new_tokens: int = 256, max_turns: int = 8,
+                 groups_per_batch: int | None = None, batch_size: int | None = None, top_p: float = 1.0,
+                 max_new_tokens: int = 256, max_turns: int = 8,
                  max_total_tokens: int = 4096, max_observation_chars: int = 4000,
                  env_step_timeout_s: float | None = 30.0, env_isolation: Literal["thread", "process"] = "thread",
                  buffer_dir: str | None = "rollouts", offline_path: str | list[str] | None = None,
@@ -298,7 +303,8 @@ class OnlineRolloutDataModule(RolloutDataModule):
                  seed: int = 0, num_workers: int = 0, on_bad_record: Literal["raise", "skip"] = "raise",
                  grpo_scale_by_std: bool = True):
         for name, value in (("group_size", group_size), ("groups_per_step", groups_per_step),
-                            ("generate_every", generate_every), ("val_episodes", val_episodes)):
+                            ("generate_every", generate_every), ("val_episodes", val_episodes),
+                            ("groups_per_batch", 1 if groups_per_batch is None else groups_per_batch)):
             if value < 1:
                 raise ValueError(f"data.{name}: expected >= 1, got {value}")
         if not 0 <= offline_ratio < 1:
@@ -476,43 +482,62 @@ class OnlineRolloutDataModule(RolloutDataModule):
         first_group = self.groups_generated
         stats = GenerationStats()
         steps: list[list[Rollout]] = []
+        per_batch = h.groups_per_batch or h.groups_per_step
         for _ in range(h.generate_every):
             step_rollouts: list[Rollout] = []
-            for _ in range(h.groups_per_step):
-                rollouts, group_stats = self._generate_group(self.groups_generated)
-                self.groups_generated += 1
-                stats += group_stats
-                step_rollouts.extend(rollouts)
+            for start in range(0, h.groups_per_step, per_batch):
+                indices = range(self.groups_generated, self.groups_generated + min(per_batch,
+                                                                                   h.groups_per_step - start))
+                groups, batch_stats = self._generate_groups(list(indices))
+                self.groups_generated += len(indices)
+                stats += batch_stats
+                for rollouts in groups:
+                    step_rollouts.extend(rollouts)
             steps.append(step_rollouts)
         everything = [r for step in steps for r in step]
         self._rounds.append(_Round(first_group, stats, steps[0][:h.log_samples], _task_metrics(everything, "")))
         return steps
 
-    def _generate_group(self, index: int) -> tuple[list[Rollout], GenerationStats]:
-        """Group ``index`` of this rank: sampled, given GRPO advantages and bookkeeping metadata, and stored."""
+    def _generate_groups(self, indices: list[int]) -> tuple[list[list[Rollout]], GenerationStats]:
+        """Groups ``indices`` of this rank, sampled together (per environment of a mixture), each given GRPO
+        advantages and bookkeeping metadata and stored, in index order."""
         h = self.hparams
         trainer = self.trainer
-        seed = h.env_seed + index * trainer.world_size + trainer.global_rank
+        seeds = [h.env_seed + index * trainer.world_size + trainer.global_rank for index in indices]
+        groups: dict[int, list[Rollout]] = {}
+        stats = GenerationStats()
         with self._forward_context():
             if self.agent is not None:
-                rollouts, stats = run_agent(self.agent, self._policy(), self.tokenizer, seed=seed,
-                                            group_size=h.group_size, temperature=self._temperature(),
-                                            group_id=f"agent-seed{seed}", policy_version=trainer.global_step)
+                for index, seed in zip(indices, seeds):
+                    groups[index], group_stats = run_agent(
+                        self.agent, self._policy(), self.tokenizer, seed=seed, group_size=h.group_size,
+                        temperature=self._temperature(), group_id=f"agent-seed{seed}",
+                        policy_version=trainer.global_step)
+                    stats += group_stats
             else:
-                spec = _pick(self.env_specs, seed)
-                rollouts, stats = self._generators[spec.name].generate_group(
-                    self._policy(), seed, h.group_size, group_id=f"{spec.name}-seed{seed}",
-                    policy_version=trainer.global_step)
-                for rollout in rollouts:
-                    rollout.metadata["env"] = spec.name
-        advantages = grpo_advantages([r.reward for r in rollouts], [r.group_id for r in rollouts],
-                                     scale_by_std=h.grpo_scale_by_std)
-        for rollout, advantage in zip(rollouts, advantages):
-            rollout.advantage = advantage
-            rollout.metadata.update(group_index=index, train_step=index // h.groups_per_step, run_id=self.run_id)
-        if self._writer is not None:
-            self._writer.write_group(rollouts)
-        return rollouts, stats
+                by_env: dict[str, list[tuple[int, int]]] = {}
+                for index, seed in zip(indices, seeds):
+                    by_env.setdefault(_pick(self.env_specs, seed).name, []).append((index, seed))
+                for name, members in by_env.items():
+                    batch, batch_stats = self._generators[name].generate_groups(
+                        self._policy(), [seed for _, seed in members], h.group_size,
+                        group_ids=[f"{name}-seed{seed}" for _, seed in members], policy_version=trainer.global_step)
+                    stats += batch_stats
+                    for (index, _), rollouts in zip(members, batch):
+                        for rollout in rollouts:
+                            rollout.metadata["env"] = name
+                        groups[index] = rollouts
+        for index in indices:
+            rollouts = groups[index]
+            advantages = grpo_advantages([r.reward for r in rollouts], [r.group_id for r in rollouts],
+                                         scale_by_std=h.grpo_scale_by_std)
+            for rollout, advantage in zip(rollouts, advantages):
+                rollout.advantage = advantage
+                rollout.metadata.update(group_index=index, train_step=index // h.groups_per_step,
+                                        run_id=self.run_id)
+            if self._writer is not None:
+                self._writer.write_group(rollouts)
+        return [groups[index] for index in indices], stats
 
     def _log_round(self, generated: _Round, prefix: str = "") -> None:
         trainer = self.trainer
@@ -539,19 +564,24 @@ class OnlineRolloutDataModule(RolloutDataModule):
         rank, world = trainer.global_rank, trainer.world_size
         stats = GenerationStats()
         generated: list[Rollout] = []
+        seeds = [h.val_seed + k * world + rank for k in range(math.ceil(h.val_episodes / world))]
+        per_batch = (h.groups_per_batch or h.groups_per_step) * h.group_size  # rows sampled together
         try:
-            for k in range(math.ceil(h.val_episodes / world)):
-                seed = h.val_seed + k * world + rank
-                spec = _pick(self.val_env_specs, seed)
-                with self._forward_context():
-                    rollouts, group_stats = self._val_generators[spec.name].generate_group(
-                        self._policy(), seed, 1, group_id=f"val-{spec.name}-seed{seed}",
-                        policy_version=trainer.global_step)
-                for rollout in rollouts:
-                    rollout.metadata["env"] = spec.name
-                stats += group_stats
-                generated.extend(rollouts)
-                yield from rollouts
+            for start in range(0, len(seeds), per_batch):
+                by_env: dict[str, list[int]] = {}
+                for seed in seeds[start:start + per_batch]:
+                    by_env.setdefault(_pick(self.val_env_specs, seed).name, []).append(seed)
+                for name, env_seeds in by_env.items():
+                    with self._forward_context():
+                        groups, group_stats = self._val_generators[name].generate_groups(
+                            self._policy(), env_seeds, 1, group_ids=[f"val-{name}-seed{seed}" for seed in env_seeds],
+                            policy_version=trainer.global_step)
+                    stats += group_stats
+                    for rollouts in groups:
+                        for rollout in rollouts:
+                            rollout.metadata["env"] = name
+                        generated.extend(rollouts)
+                        yield from rollouts
         finally:  # also when the loop stops early (limit_val_batches): log what was generated
             if stats.rollouts:
                 self._log_round(_Round(0, stats, generated[:h.log_samples], _task_metrics(generated, "val/")),

@@ -9,6 +9,9 @@ One turn for the whole group::
 
 until every rollout is done (the environment said so, ``max_turns``, ``max_total_tokens``, or an environment
 error). Rollouts that finish early leave the batch and its cache; the others keep generating together.
+:meth:`GroupGenerator.generate_groups` samples several tasks' groups as one batch the same way (one decode
+forward for all their rows: where reading the weights bounds a decode step, as on CPU, several groups cost little
+more than one).
 
 Two sampling paths (``SamplingSettings.kv_cache``):
 
@@ -17,9 +20,12 @@ Two sampling paths (``SamplingSettings.kv_cache``):
   prefills only what was added since (the last sampled token, the observation, the template text), so a turn
   costs its new tokens, not the whole conversation again. Its own decode loop samples exactly like HF's
   (same random stream), so with the same seed both paths give the same ids and log-probs (up to float rounding).
+  On CPU its decode steps use grouped-query attention that reads the cache in place
+  (:mod:`lit_echo.online.attention`).
 * ``False``: one HF ``generate`` per turn over the whole conversation (left padding); each turn prefills every
   row from the start. Kept as the reference for tests and benchmarks, and used automatically for models whose
-  cache is not a plain growing one (sliding-window or linear-attention layers).
+  cache is not a plain growing one (sliding-window or linear-attention layers) or whose logits are not
+  ``lm_head(hidden)`` (soft-capping).
 
 Token-in/token-out: the sampled ids are stored verbatim and never re-tokenized (docs/method.md §2). Their log-probs are
 ``log_softmax(raw_logits / temperature)[sampled_id]``, the temperature-scaled distribution the trainer recomputes
@@ -42,7 +48,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -261,25 +267,47 @@ class GroupGenerator:
         caller computes group advantages) and their :class:`GenerationStats`. Errors of ``env.reset`` propagate
         (a task that cannot start is a configuration problem); errors of ``env.step`` end only that rollout.
         """
+        groups, stats = self.generate_groups(model, [seed], group_size,
+                                             group_ids=None if group_id is None else [group_id],
+                                             policy_version=policy_version)
+        return groups[0], stats
+
+    def generate_groups(self, model, seeds: Sequence[int], group_size: int, *,
+                        group_ids: Sequence[str] | None = None, policy_version: int = 0
+                        ) -> tuple[list[list[Rollout]], GenerationStats]:
+        """``group_size`` rollouts of each task ``env.reset(seed)`` of ``seeds``, all sampled as one batch
+        (one forward per decode step for every row of every task: on a machine whose decode step is bound by
+        reading the weights, several groups cost little more than one). Returns the rollouts of each seed, in
+        the order of ``seeds``, and the stats of the whole batch; otherwise as :meth:`generate_group`. With
+        one seed, the random stream is consumed exactly as by :meth:`generate_group`.
+        """
         if group_size < 1:
             raise ValueError(f"group_size: expected >= 1, got {group_size}")
+        if not seeds:
+            raise ValueError("seeds: expected at least one task seed")
+        if group_ids is not None and len(group_ids) != len(seeds):
+            raise ValueError(f"group_ids: expected {len(seeds)} ids (one per seed), got {len(group_ids)}")
         started = time.perf_counter()
-        group_id = group_id if group_id is not None else f"seed-{seed}"
-        while len(self._envs) < group_size:
+        group_ids = list(group_ids) if group_ids is not None else [f"seed-{seed}" for seed in seeds]
+        rows = len(seeds) * group_size
+        while len(self._envs) < rows:
             self._envs.append(self._new_env())
-        episodes = []
-        for env in self._envs[:group_size]:
-            try:
-                opening = env.reset(seed)
-            except Exception as err:
-                raise RuntimeError(f"{type(env).__name__}.reset({seed}) failed: {type(err).__name__}: {err}") from err
-            episodes.append(_Episode(env, RolloutBuilder(self.tokenizer, opening), seed))
-        task = opening[-1]["content"][:_TASK_CHARS]
+        episodes, tasks = [], []
+        for k, seed in enumerate(seeds):
+            for env in self._envs[k * group_size:(k + 1) * group_size]:
+                try:
+                    opening = env.reset(seed)
+                except Exception as err:
+                    raise RuntimeError(f"{type(env).__name__}.reset({seed}) failed: {type(err).__name__}: "
+                                       f"{err}") from err
+                episodes.append(_Episode(env, RolloutBuilder(self.tokenizer, opening), seed))
+            tasks.append(opening[-1]["content"][:_TASK_CHARS])
+        label = group_ids[0] if len(seeds) == 1 else f"{len(seeds)} groups ({group_ids[0]}, ...)"
 
         stats = GenerationStats()
         was_training = model.training
         model.eval()
-        # None: one HF generate per turn; else the group's KV cache, created by the first turn.
+        # None: one HF generate per turn; else the batch's KV cache, created by the first turn.
         cached = _CachedGroup() if self.settings.kv_cache and self._kv_reuse(model) else None
         try:
             with torch.no_grad():
@@ -292,28 +320,32 @@ class GroupGenerator:
                     stepped = time.perf_counter()
                     self._step_envs([e for e in running if e.stop_reason is None], stats)
                     stats.env_s += time.perf_counter() - stepped
-                    self._log_progress(group_id, turn, episodes, stats, started)
+                    self._log_progress(label, turn, episodes, stats, started)
         finally:
             model.train(was_training)
 
-        rollouts = []
-        for episode in episodes:
-            if episode.stop_reason is None:
-                episode.stop_reason = "max_turns"
-            stats.rollouts += 1
-            stats.turns += episode.turns
-            stats.successes += int(episode.success)
-            stats.invalid_actions += episode.invalid_actions
-            stats.reward_sum += episode.reward
-            metadata = {"task": task, "env_seed": seed, "turns": episode.turns, "success": episode.success,
-                        "invalid_actions": episode.invalid_actions, "stop_reason": episode.stop_reason,
-                        "env_error": episode.env_error, "env": env_name(episode.env)}
-            if "task_type" in episode.info:
-                metadata["task_type"] = episode.info["task_type"]
-            rollouts.append(episode.builder.to_rollout(episode.reward, group_id, policy_version=policy_version,
-                                                       metadata=metadata))
+        groups: list[list[Rollout]] = []
+        for k, (group_id, task) in enumerate(zip(group_ids, tasks)):
+            rollouts = []
+            for episode in episodes[k * group_size:(k + 1) * group_size]:
+                if episode.stop_reason is None:
+                    episode.stop_reason = "max_turns"
+                stats.rollouts += 1
+                stats.turns += episode.turns
+                stats.successes += int(episode.success)
+                stats.invalid_actions += episode.invalid_actions
+                stats.reward_sum += episode.reward
+                metadata = {"task": task, "env_seed": episode.seed, "turns": episode.turns,
+                            "success": episode.success, "invalid_actions": episode.invalid_actions,
+                            "stop_reason": episode.stop_reason, "env_error": episode.env_error,
+                            "env": env_name(episode.env)}
+                if "task_type" in episode.info:
+                    metadata["task_type"] = episode.info["task_type"]
+                rollouts.append(episode.builder.to_rollout(episode.reward, group_id,
+                                                           policy_version=policy_version, metadata=metadata))
+            groups.append(rollouts)
         stats.seconds = time.perf_counter() - started
-        return rollouts, stats
+        return groups, stats
 
     # ------------------------------------------------------------------ one turn
     def _budget(self, episode: _Episode) -> int:
@@ -331,7 +363,8 @@ class GroupGenerator:
         supported = kv_reuse_supported(model)
         if not supported and not self._warned_no_kv_reuse:
             log.warning("%s uses a cache that is not a plain growing one (sliding-window or linear-attention "
-                        "layers): generating with one HF generate per turn (kv_cache ignored)",
+                        "layers) or transforms its logits: generating with one HF generate per turn (kv_cache "
+                        "ignored)",
                         type(_causal_lm(model)).__name__)
             self._warned_no_kv_reuse = True
         return supported
