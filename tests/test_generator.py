@@ -18,6 +18,7 @@ from lit_echo.chat import RolloutBuilder, role_spans_text
 from lit_echo.envs.base import StepResult
 from lit_echo.envs.shellworld import ShellWorld
 from lit_echo.logprobs import chunked_logprobs
+from lit_echo.online.decoding import CachedRows, _common_prefix, length_buckets
 from lit_echo.online.generator import GroupGenerator, SamplingSettings, truncate_observation
 from lit_echo.roles import Role
 
@@ -210,16 +211,69 @@ def test_several_tasks_in_one_batch(model, tokenizer):
         generator.generate_groups(model, [1, 2], 2, group_ids=["x"])
 
 
+def test_rows_of_uneven_chunks_prefilled_in_buckets_sample_the_same(model, tokenizer, monkeypatch):
+    """Extra forwards free (split_cost 0): each turn's chunks go through several forwards of similar length and
+    are merged back into one cache; the ids and log-probs stay those of the generate path, with fewer prefilled
+    positions than one padded forward."""
+    def run(kv_cache: bool):
+        generator = GroupGenerator(UnevenEnv, tokenizer, SamplingSettings(temperature=0.7, max_new_tokens=10,
+                                                                          max_turns=4, kv_cache=kv_cache))
+        torch.manual_seed(3)
+        return generator.generate_groups(model, [11, 4], 3)
+
+    reference, _ = run(False)
+    _, padded = run(True)
+    monkeypatch.setattr(CachedRows, "split_cost", 0)
+    groups, bucketed = run(True)
+    assert bucketed.prefill_tokens < padded.prefill_tokens, "the chunks should have been split"
+    for group, reference_group in zip(groups, reference):
+        for a, b in zip(reference_group, group):
+            assert a.input_ids == b.input_ids and a.roles == b.roles and a.reward == b.reward
+            torch.testing.assert_close(torch.tensor([lp for lp in b.logprobs if lp is not None]),
+                                       torch.tensor([lp for lp in a.logprobs if lp is not None]), atol=1e-5, rtol=0)
+    _assert_logprobs_match_a_fresh_forward(model, [r for g in groups for r in g], 0.7)
+
+
+@pytest.mark.parametrize("lengths", [[5], [3, 3, 3], [1, 50, 2, 49, 3], [7, 1, 1, 1, 1, 1, 1, 30], list(range(1, 9))])
+@pytest.mark.parametrize("split_cost", [0, 4, 1000])
+def test_length_buckets_are_an_optimal_partition(lengths, split_cost):
+    """Every row in exactly one bucket, each bucket as wide as its longest row, and no grouping of the rows costs
+    fewer positions (brute force over all set partitions)."""
+    buckets = length_buckets(lengths, split_cost)
+    assert sorted(i for rows, _ in buckets for i in rows) == list(range(len(lengths)))
+    assert all(width == max(lengths[i] for i in rows) for rows, width in buckets)
+
+    def cost(groups):
+        return sum(len(g) * max(lengths[i] for i in g) for g in groups) + split_cost * (len(groups) - 1)
+
+    def partitions(items):
+        if not items:
+            yield []
+            return
+        first, rest = items[0], items[1:]
+        for partition in partitions(rest):
+            yield [[first], *partition]
+            for k in range(len(partition)):
+                yield [*partition[:k], [first, *partition[k]], *partition[k + 1:]]
+
+    assert cost([rows for rows, _ in buckets]) == min(cost(p) for p in partitions(list(range(len(lengths)))))
+
+
 def test_the_shared_opening_is_prefilled_once(model, tokenizer):
-    """Turn 1 of the cached path: the opening minus its last token once (batch 1), then that last token for each
-    row; the reference path prefills the whole opening for every row."""
-    opening = len(RolloutBuilder(tokenizer, ScriptedEnv().reset(0)).prompt_ids())
+    """Turn 1 of the cached path: each distinct opening once, its cache repeated to its G rows (several tasks:
+    the system prompt they share once more, then each task's own rest); the reference path prefills the whole
+    opening for every row."""
+    openings = [len(RolloutBuilder(tokenizer, ScriptedEnv().reset(seed)).prompt_ids()) for seed in (0, 1)]
+    shared = _common_prefix([RolloutBuilder(tokenizer, ScriptedEnv().reset(seed)).prompt_ids() for seed in (0, 1)])
     counts = {}
     for kv_cache in (True, False):
         generator = GroupGenerator(ScriptedEnv, tokenizer, SamplingSettings(max_new_tokens=4, max_turns=1,
                                                                             kv_cache=kv_cache))
         counts[kv_cache] = generator.generate_group(model, seed=0, group_size=3)[1].prefill_tokens
-    assert counts == {True: opening - 1 + 3, False: 3 * opening}
+        counts[kv_cache, 2] = generator.generate_groups(model, [0, 1], 3)[1].prefill_tokens
+    assert counts[True] == openings[0] and counts[False] == 3 * openings[0]
+    rest = max(openings) - shared  # the two tasks' own rests, padded to the longer one
+    assert counts[True, 2] == shared + 2 * rest and counts[False, 2] == 6 * max(openings)
 
 
 def test_roles_round_trip_to_what_the_environment_saw_and_said(model, tokenizer):

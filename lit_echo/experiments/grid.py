@@ -147,9 +147,9 @@ class GridSpec:
 FULL = GridSpec(
     model="smollm2-135m-instruct", precision=default_precision(), seeds=(0, 1, 2),
     warm_start_steps=30, warm_start_batch=8, warm_start_lr=3e-4, warm_start_warmup=5,
-    online_steps=16, eval_every=8, group_size=8, groups_per_step=1, lr=1e-4, temperature=0.8,
+    online_steps=16, eval_every=8, group_size=8, groups_per_step=2, lr=2e-4, temperature=0.8,
     max_new_tokens=48, max_turns=4, max_total_tokens=1024, max_observation_chars=1500, max_length=1024,
-    eval_tasks=25, eval_samples=4, micro_batch_size=4,
+    eval_tasks=25, eval_samples=4, micro_batch_size=4, eval_tasks_per_batch=8,
 )
 
 # The whole pipeline with the tiny random model in about a minute on 2 cores: it checks the machinery, not
@@ -183,7 +183,7 @@ def warm_start_config(spec: GridSpec, root: Path, data_dir: Path) -> dict:
         "trainer": _trainer(spec, root, spec.warm_start_steps, "adapter", None),
         "model": {"model_name_or_path": spec.model, "lora_rank": spec.lora_rank, "lora_alpha": spec.lora_alpha,
                   "world_coef": 0.05, "lr": spec.warm_start_lr, "warmup_steps": spec.warm_start_warmup,
-                  "gradient_clip_val": 1.0},
+                  "gradient_clip_val": 1.0, "micro_batch_size": spec.micro_batch_size},
         "data": {"class_path": "lit_echo.RolloutDataModule",
                  "init_args": {"train_path": str(data_dir / "expert-train.jsonl.gz"), "advantage": 1.0,
                                "batch_size": spec.warm_start_batch, "max_length": spec.max_length, "seed": 0,

@@ -4,7 +4,8 @@ Data flow (main process, ``num_workers=0``)::
 
     every ``generate_every`` optimizer steps:
         groups_per_step * generate_every groups of ``group_size`` rollouts  (GroupGenerator or your agent loop,
-        current weights; ``groups_per_batch`` groups sampled together) -> GRPO advantages per group -> appended to ``buffer_dir/rollouts-rank{R}.jsonl``
+        current weights; ``groups_per_batch`` groups sampled together) -> GRPO advantages per group
+        -> appended to ``buffer_dir/rollouts-rank{R}.jsonl``
         (fsync per group) -> yielded as ``generate_every`` batches, each ``groups_per_step * group_size`` online
         rollouts plus ``offline_per_step`` rollouts from ``offline_path``
 

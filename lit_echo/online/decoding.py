@@ -4,10 +4,12 @@ Today's way to sample a multi-turn group is one HF ``generate`` per turn, which 
 conversation again each turn; the G rows of a group even share the same opening. :class:`CachedRows` keeps one
 KV cache for the group instead:
 
-* :meth:`CachedRows.start`: the opening the rows share is prefilled once (batch 1) and its cache repeated to the
-  G rows; only what differs between rows (usually nothing but the last token) is prefilled per row.
+* :meth:`CachedRows.start`: each distinct opening is prefilled once and its cache repeated to its G rows; the
+  prefix several openings share (a system prompt) once for all of them.
 * :meth:`CachedRows.extend`: a later turn prefills only each row's tokens added since the cache last saw it
-  (the last sampled token, the observation and the template text around it).
+  (the last sampled token, the observation and the template text around it); rows of very uneven chunks go
+  through forwards of similar length (:func:`length_buckets`), so one long observation does not make every row
+  compute padding.
 * :meth:`CachedRows.step`: one decode step, one token per row (on CPU with grouped-query attention that reads
   the cache in place, :mod:`lit_echo.online.attention`).
 * :meth:`CachedRows.keep`: finished rows leave the cache.
@@ -88,6 +90,32 @@ def exponential_noise(rows: int, vocab: int, device: torch.device) -> torch.Tens
     return torch.empty((rows, vocab), dtype=torch.float32, device=device).exponential_()
 
 
+def length_buckets(lengths: Sequence[int], split_cost: int) -> list[tuple[list[int], int]]:
+    """Rows grouped into forwards that compute the fewest positions: ``[(row indices, width), ...]``.
+
+    A forward over rows ``R`` computes ``len(R) * max(lengths[R])`` positions, plus ``split_cost`` for each forward
+    after the first. Buckets are contiguous runs of the rows sorted by length (an optimal grouping has that form);
+    found by dynamic programming over the sorted lengths, O(n^2).
+    """
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    sorted_lengths = [lengths[i] for i in order]
+    n = len(order)
+    best = [0.0] + [float("inf")] * n  # best[j]: cheapest grouping of the j shortest rows
+    cut = [0] * (n + 1)
+    for j in range(1, n + 1):
+        for i in range(j):
+            cost = best[i] + (j - i) * sorted_lengths[j - 1] + (split_cost if i > 0 else 0)
+            if cost < best[j]:
+                best[j], cut[j] = cost, i
+    buckets = []
+    j = n
+    while j > 0:
+        i = cut[j]
+        buckets.append(([order[k] for k in range(i, j)], sorted_lengths[j - 1]))
+        j = i
+    return buckets[::-1]
+
+
 def _common_prefix(rows: Sequence[Sequence[int]]) -> int:
     first = rows[0]
     n = min(len(r) for r in rows)
@@ -112,6 +140,9 @@ class CachedRows:
     Attributes: ``lengths`` (tokens of each row the cache holds), ``prefill_tokens`` (positions run through
     multi-token forwards, padding included: what the machine computed).
     """
+
+    #: Prefill positions one extra forward is worth (weights read once more, per-op overhead): see :meth:`extend`.
+    split_cost = 64
 
     def __init__(self, model, pad_token_id: int, grouped_decode: bool | None = None):
         from transformers import DynamicCache
@@ -145,9 +176,24 @@ class CachedRows:
     def start(self, prompts: Sequence[Sequence[int]]) -> torch.Tensor:
         """Prefill the rows' prompts into an empty cache; the next-token logits ``[n, V]``.
 
-        The longest prefix all prompts share (all but at least each prompt's last token) is run once and its
-        cache repeated to the n rows; the rest of each prompt goes through :meth:`extend`.
+        Rows that come in equal runs of one prompt (the G rows of each group of
+        ``GroupGenerator.generate_groups``) are prefilled once per distinct prompt and the cache repeated to the
+        run. Among the distinct prompts, the
+        longest prefix all share (all but at least each prompt's last token) is run once and its cache repeated;
+        the rest of each prompt goes through :meth:`extend`.
         """
+        distinct = list(dict.fromkeys(tuple(p) for p in prompts))
+        repeat = len(prompts) // len(distinct)
+        if repeat > 1 and len(distinct) * repeat == len(prompts) \
+                and all(tuple(p) == distinct[i // repeat] for i, p in enumerate(prompts)):
+            logits = self._start(distinct)  # [d, V]
+            self.cache.batch_repeat_interleave(repeat)
+            self.mask = self.mask.repeat_interleave(repeat, dim=0)  # [n, C]
+            self.lengths = [length for length in self.lengths for _ in range(repeat)]
+            return logits.repeat_interleave(repeat, dim=0)  # [n, V]
+        return self._start(prompts)
+
+    def _start(self, prompts: Sequence[Sequence[int]]) -> torch.Tensor:
         if self.rows:
             raise RuntimeError("CachedRows.start: the cache already holds rows")
         shared = min(_common_prefix(prompts), min(len(p) for p in prompts) - 1)
@@ -166,7 +212,13 @@ class CachedRows:
 
     def extend(self, chunks: Sequence[Sequence[int]]) -> torch.Tensor:
         """Append one chunk of tokens (at least one) to every row, left-padded to the longest; the logits
-        ``[n, V]`` after each row's last token."""
+        ``[n, V]`` after each row's last token.
+
+        Rows whose chunks are much shorter than the longest (one row's long observation) would spend most of the
+        forward on padding; :func:`length_buckets` splits the rows into forwards of similar chunk lengths when
+        that computes fewer positions (counting :attr:`split_cost` per extra forward). The cache layout, and so
+        every later step, is the same either way.
+        """
         if len(chunks) != self.rows:
             raise ValueError(f"CachedRows.extend: {len(chunks)} chunks for {self.rows} rows")
         if any(len(c) == 0 for c in chunks):
@@ -181,8 +233,48 @@ class CachedRows:
             new_mask[i, start:] = 1
             positions[i, start:] = torch.arange(self.lengths[i], self.lengths[i] + len(chunk))
             self.lengths[i] += len(chunk)
-        self.prefill_tokens += self.rows * width
-        return self._forward(ids.to(self.device), new_mask.to(self.device), positions.to(self.device))
+        ids, new_mask, positions = ids.to(self.device), new_mask.to(self.device), positions.to(self.device)
+        buckets = length_buckets([len(c) for c in chunks], self.split_cost)
+        if len(buckets) == 1 or self.mask.shape[1] == 0 or not all(layer.is_initialized for layer in self.cache.layers):
+            self.prefill_tokens += self.rows * width
+            return self._forward(ids, new_mask, positions)
+        return self._forward_buckets(buckets, ids, new_mask, positions)
+
+    def _forward_buckets(self, buckets: list[tuple[list[int], int]], ids: torch.Tensor, new_mask: torch.Tensor,
+                         positions: torch.Tensor) -> torch.Tensor:
+        """:meth:`extend`'s forward, one per bucket of rows, each on a copy of its rows' cache and only as wide as
+        its longest chunk; the new columns are merged back right-aligned (padding columns zero and masked)."""
+        from transformers import DynamicCache
+
+        rows, columns = self.mask.shape  # n, C
+        width = ids.shape[1]
+        old = [(layer.keys, layer.values) for layer in self.cache.layers]  # [n, heads, C, head_dim] each
+        merged = [(k.new_zeros(rows, k.shape[1], columns + width, k.shape[3]),
+                   v.new_zeros(rows, v.shape[1], columns + width, v.shape[3])) for k, v in old]
+        logits = None
+        for members, bucket_width in buckets:
+            index = torch.tensor(members, dtype=torch.long, device=self.device)
+            cache = DynamicCache(config=_causal_lm(self.model).config)
+            for layer_index, (k, v) in enumerate(old):
+                cache.update(k[index], v[index], layer_index)
+            cut = width - bucket_width  # the bucket's chunks are right-aligned in the last bucket_width columns
+            out = self.body(input_ids=ids[index, cut:], position_ids=positions[index, cut:], cache=cache,
+                            attention_mask=torch.cat([self.mask[index], new_mask[index, cut:]], dim=1),
+                            use_cache=True)
+            bucket_logits = self.head(out.last_hidden_state[:, -1]).float()  # [b, V]
+            if logits is None:
+                logits = bucket_logits.new_empty(rows, bucket_logits.shape[1])
+            logits[index] = bucket_logits
+            for (k, v), layer in zip(merged, cache.layers):
+                k[index, :, columns + cut:] = layer.keys[:, :, columns:]
+                v[index, :, columns + cut:] = layer.values[:, :, columns:]
+            self.prefill_tokens += len(members) * bucket_width
+        for (k, v), (old_k, old_v), layer in zip(merged, old, self.cache.layers):
+            k[:, :, :columns] = old_k
+            v[:, :, :columns] = old_v
+            layer.keys, layer.values = k, v
+        self.mask = torch.cat([self.mask, new_mask], dim=1)  # [n, C + W]
+        return logits
 
     def step(self, tokens: torch.Tensor, active: Sequence[bool]) -> torch.Tensor:
         """Feed ``tokens`` ``[n]`` (one per row; rows not ``active`` get a masked padding column); the logits
