@@ -134,15 +134,17 @@ def test_online_fit_writes_every_rollout_and_restart_appends(tiny_checkpoint, tm
     assert len(list(RolloutBuffer(path, shuffle=False, on_bad_record="raise"))) == after.count(b"\n")
 
 
-def test_a_steps_groups_are_sampled_together_per_environment(tiny_checkpoint, tmp_path):
-    """groups_per_step 3 of a two-environment mixture, sampled as one batch per environment: every group keeps its
-    own seed, environment, group id, index and advantages (mean 0 within the group), in index order on disk; the
-    trained rows are those rows; validation through environments samples its seeds together too."""
+@pytest.mark.parametrize("groups_per_batch", [None, 2])
+def test_a_steps_groups_are_sampled_together_per_environment(tiny_checkpoint, tmp_path, groups_per_batch):
+    """groups_per_step 3 of a two-environment mixture, sampled as one batch per environment (or in batches of 2
+    and 1 groups): every group keeps its own seed, environment, group id, index and advantages (mean 0 within the
+    group), in index order on disk; the trained rows are those rows; validation through environments samples its
+    seeds together too."""
     envs = [{"class_path": "lit_echo.envs.shellworld.ShellWorld", "init_args": {"split": "train"}, "name": "shell"},
             {"class_path": GUESS, "init_args": {"high": 7}, "name": "guess"}]
     trainer, data, batches = _fit(tiny_checkpoint, tmp_path, max_steps=2, env_class=None, env_kwargs=None,
                                   envs=envs, groups_per_step=3, generate_every=1, val_env_kwargs={},
-                                  val_episodes=5)
+                                  val_episodes=5, groups_per_batch=groups_per_batch)
     trainer.validate(trainer.lightning_module, datamodule=data)
     stored = [Rollout.from_json(line)
               for line in (tmp_path / "rollouts" / "rollouts-rank0.jsonl").read_text().splitlines()]
