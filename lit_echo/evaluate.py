@@ -74,7 +74,8 @@ def agent_metrics(policy, tokenizer, env_class: str, env_kwargs: dict, seeds: ra
 @torch.no_grad()
 def world_metrics(policy, tokenizer, buffer: str, batch_size: int = 8, max_length: int = 1024) -> dict[str, float]:
     collate = RolloutCollator(pad_token_id(tokenizer), max_length)
-    items = list(RolloutBuffer(buffer, tokenizer, shuffle=False))
+    # Sorted by length, so each batch pads to a similar length (the sums do not depend on the order).
+    items = sorted(RolloutBuffer(buffer, tokenizer, shuffle=False), key=lambda item: len(item.rollout.input_ids))
     sums = torch.zeros(3, dtype=torch.float64)
     for start in range(0, len(items), batch_size):
         batch = collate(items[start:start + batch_size])

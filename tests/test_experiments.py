@@ -81,6 +81,21 @@ def test_results_file_round_trip_and_report_over_seeds(tmp_path):
     assert sum(line.startswith("| echo:") for line in table.splitlines()) == 1  # not evaluated yet: empty row
 
 
+def test_two_grid_processes_sharing_one_results_file_keep_each_others_rows(tmp_path):
+    """Two writers opened on the same file (as two grid processes on disjoint arms): each add keeps the rows the
+    other added since; re-adding a key replaces its row."""
+    path = tmp_path / "results.csv"
+    metrics = {name: 0.5 for name in METRIC_COLUMNS}
+    first, second = ResultsFile(path), ResultsFile(path)
+    first.add(WARM_START, 0, 0, metrics)
+    second.add("echo", 0, 8, metrics)
+    first.add("mask", 0, 8, metrics)
+    second.add("echo", 0, 8, {**metrics, METRIC_COLUMNS[0]: 0.25})
+    rows = ResultsFile(path).rows
+    assert [(r["arm"], r["step"]) for r in rows] == [(WARM_START, 0), ("echo", 8), ("mask", 8)]
+    assert rows[1][METRIC_COLUMNS[0]] == 0.25
+
+
 def test_results_file_rejects_another_header(tmp_path):
     path = tmp_path / "results.csv"
     path.write_text("arm,seed,step,success\nmask,0,1,0.5\n")

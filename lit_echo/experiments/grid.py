@@ -7,41 +7,35 @@ task seeds (``env_seed``) and differ only in the arm's ``model`` overrides and t
 
 Sizes of the full grid (:data:`FULL`) and how they were chosen
 --------------------------------------------------------------
-Target: about 2 hours on 2 CPU cores (avx512_bf16, bf16 autocast) once the generation (~4x) and training (~1.3x)
-speed-ups of the fast-online-loop work are in. Figures per unit, SmolLM2-135M + LoRA r=16, G=8, up to 4 turns of
-48 tokens:
+Measured 2026-11-26 on the project's 2-core avx512_bf16 CPU, bf16, each process on one thread
+(``OMP_NUM_THREADS=1``) with two grid processes side by side, after the fast-online-loop work:
 
-===========================  ==============  ===============  =====================================================
-unit                         current (idle)  expected (idle)  source
-===========================  ==============  ===============  =====================================================
-warm-start step (8 rows)     ~13 s           ~10 s            README: 60 steps in 13 min 22 s
-online step (1 group of 8)   ~32 s           ~15 s            README demo: 16 steps in 9 min 19 s; the probe spent
-                                                              60-70% of a step generating: ~20 s generation (/4)
-                                                              + ~12 s training (/1.3)
-evaluated episode            ~2.7 s          ~0.7 s           probe: 32 episodes + world metrics = 680 s under 8x
-                                                              contention; generation-bound, so 4x applied
-===========================  ==============  ===============  =====================================================
+===============================  ========  =============================================================
+unit                             measured  notes
+===============================  ========  =============================================================
+warm-start step (8 rows)         12 s      30 steps in 360 s
+online step (2 groups of 8)      ~40 s     both groups sampled in one batch (~20-38 s) + training 16 rows
+evaluation point (200 episodes)  ~8.5 min  generation ~4 min (32 rows per batch); world NLL on the 48 expert
+                                           rollouts and on the point's own 200 episodes ~4.5 min
+===============================  ========  =============================================================
 
-The probes (``OMP_NUM_THREADS=1``, a machine shared by 8 sessions, load 8-17 on 2 cores) took 100 s per
-warm-start step, against 13 s idle: a contention factor of about 8, used to turn the probe's 21 s per evaluated
-episode into an idle figure. An online step of the probe took 110-200 s to generate a group of 8 (3.1-3.3 turns
-per episode) and 81 s to train on it. These are estimates, not measurements on an idle machine.
+Warm start: 30 steps at lr 3e-4 (half of the demo's former 60, to leave room): held-out success 22% on unseen
+trees and 6% on unseen task types, valid-command turns 93-98%.
 
-Choice: warm start 30 steps (half the demo's, to leave room to improve); 16 online steps of one group of 8 per
-run, evaluated at steps 8 and 16 (plus the shared warm start at step 0); per point 25 tasks x 4 episodes on each
-held-out split (200 episodes over 50 tasks). Arithmetic:
+Online learning rate: at ``lr=2e-4`` both the masking and the ECHO arm collapsed within three updates (training
+success 12%, 50%, 31%, then 0% for every later step; the policy's action entropy doubled, its replies grew
+longer and turned into invalid commands; approximate KL between consecutive policies 0.03 per step). Once every
+group has reward 0 there is no policy gradient left to recover with. At 2e-5 and 5e-5 (12-step probes on the same
+tasks) nothing collapsed. Chosen: 5e-5, the larger of the two stable rates.
 
-* warm start: 30 x 13 s = 6.5 min now, 30 x 10 s = 5 min expected;
-* online: 15 runs x 16 steps = 240 steps, plus ~20 s start-up per run: 240 x 32 s + 300 s = 2.2 h now,
-  240 x 15 s + 300 s = 1.1 h expected;
-* evaluation: (15 runs x 2 + 1) points x 200 episodes = 6,200 episodes: 4.7 h now, 1.2 h expected;
-* total: about 7 h now, about 2.4 h expected. Evaluating only the last step (``eval_every=16``) saves ~0.5 h
-  expected, at the cost of the curve's mid-point; each further 8 online steps per run add ~0.5 h plus ~0.3 h of
-  evaluation.
+Evaluation: per point and per held-out split, 50 tasks x 2 episodes (200 episodes over 100 tasks per point); the
+intervals are a task-level bootstrap, so more tasks with fewer samples each narrow them more than the reverse
+(25 tasks x 4 gave 22% [10%, 36%]).
 
-Evaluation dominates; it is the price of 200 episodes per point. 16 steps x 8 rollouts is as much online
-experience as the README demo, whose success change was within noise, so a first sitting should check that the
-masking arm moves at all (``--arms mask --seeds 0``) before spending the rest of the grid.
+Arithmetic of the whole grid: warm start 6 min; 15 runs x 16 steps x ~40 s = 2.7 h of training; (15 runs x 2 + 1)
+points x ~8.5 min = 4.4 h of evaluation: about 7 hours of one core, about 3.5 hours with two grid processes side
+by side (``--out`` directories of their own, merged after), over the 2-hour target. Evaluating only the last step
+(``eval_every=16``) saves ~2 h of one core. The grid is resumable, so it is meant to be spread over sittings.
 """
 
 from __future__ import annotations
@@ -147,9 +141,9 @@ class GridSpec:
 FULL = GridSpec(
     model="smollm2-135m-instruct", precision=default_precision(), seeds=(0, 1, 2),
     warm_start_steps=30, warm_start_batch=8, warm_start_lr=3e-4, warm_start_warmup=5,
-    online_steps=16, eval_every=8, group_size=8, groups_per_step=2, lr=2e-4, temperature=0.8,
+    online_steps=16, eval_every=8, group_size=8, groups_per_step=2, lr=5e-5, temperature=0.8,
     max_new_tokens=48, max_turns=4, max_total_tokens=1024, max_observation_chars=1500, max_length=1024,
-    eval_tasks=25, eval_samples=4, micro_batch_size=4, eval_tasks_per_batch=8,
+    eval_tasks=50, eval_samples=2, micro_batch_size=4, eval_tasks_per_batch=16,
 )
 
 # The whole pipeline with the tiny random model in about a minute on 2 cores: it checks the machinery, not

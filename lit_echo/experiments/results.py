@@ -8,6 +8,7 @@ the new file, never half a row, and a finished evaluation is never lost.
 from __future__ import annotations
 
 import csv
+import fcntl
 import math
 import os
 from pathlib import Path
@@ -32,25 +33,35 @@ def _format(value) -> str:
 
 
 class ResultsFile:
-    """The rows of ``path`` (read at construction) and :meth:`add` to append one durably."""
+    """The rows of ``path`` (read at construction) and :meth:`add` to append one durably.
+
+    Several grid processes may share one file (e.g. ``--arms mask`` and ``--arms echo`` side by side, each on
+    one core): :meth:`add` holds an exclusive lock on ``path.lock``, re-reads the file and writes it back with
+    the new row, so no process drops another's rows.
+    """
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
-        self.rows: list[Row] = []
-        if self.path.exists():
-            with open(self.path, newline="") as fh:
-                reader = csv.DictReader(fh)
-                if reader.fieldnames != COLUMNS:
-                    raise ValueError(f"{self.path}: header {reader.fieldnames} is not this version's columns "
-                                     f"{COLUMNS}; move the file away or use another --out directory")
-                for line, record in enumerate(reader, start=2):
-                    try:
-                        row: Row = {"arm": record["arm"], "seed": int(record["seed"]), "step": int(record["step"])}
-                        row.update({name: _parse(record[name]) for name in METRIC_COLUMNS})
-                    except (TypeError, ValueError) as err:
-                        raise ValueError(f"{self.path}:{line}: expected numbers in columns seed, step and the "
-                                         f"metrics ({err})") from err
-                    self.rows.append(row)
+        self.rows: list[Row] = self._read()
+
+    def _read(self) -> list[Row]:
+        rows: list[Row] = []
+        if not self.path.exists():
+            return rows
+        with open(self.path, newline="") as fh:
+            reader = csv.DictReader(fh)
+            if reader.fieldnames != COLUMNS:
+                raise ValueError(f"{self.path}: header {reader.fieldnames} is not this version's columns "
+                                 f"{COLUMNS}; move the file away or use another --out directory")
+            for line, record in enumerate(reader, start=2):
+                try:
+                    row: Row = {"arm": record["arm"], "seed": int(record["seed"]), "step": int(record["step"])}
+                    row.update({name: _parse(record[name]) for name in METRIC_COLUMNS})
+                except (TypeError, ValueError) as err:
+                    raise ValueError(f"{self.path}:{line}: expected numbers in columns seed, step and the "
+                                     f"metrics ({err})") from err
+                rows.append(row)
+        return rows
 
     def has(self, arm: str, seed: int, step: int) -> bool:
         return any(r["arm"] == arm and r["seed"] == seed and r["step"] == step for r in self.rows)
@@ -59,15 +70,19 @@ class ResultsFile:
         missing = [name for name in METRIC_COLUMNS if name not in metrics]
         if missing:
             raise KeyError(f"evaluation result lacks columns {missing}")
-        self.rows.append({"arm": arm, "seed": seed, "step": step, **{k: metrics[k] for k in METRIC_COLUMNS}})
-        self.rows.sort(key=lambda r: (r["arm"] != WARM_START, str(r["arm"]), r["seed"], r["step"]))
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        with open(tmp, "w", newline="") as fh:
-            writer = csv.writer(fh)
-            writer.writerow(COLUMNS)
-            for row in self.rows:
-                writer.writerow([_format(row[name]) for name in COLUMNS])
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, self.path)
+        with open(self.path.with_name(self.path.name + ".lock"), "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+            rows = [r for r in self._read() if (r["arm"], r["seed"], r["step"]) != (arm, seed, step)]
+            rows.append({"arm": arm, "seed": seed, "step": step, **{k: metrics[k] for k in METRIC_COLUMNS}})
+            rows.sort(key=lambda r: (r["arm"] != WARM_START, str(r["arm"]), r["seed"], r["step"]))
+            tmp = self.path.with_name(f"{self.path.name}.{os.getpid()}.tmp")
+            with open(tmp, "w", newline="") as fh:
+                writer = csv.writer(fh)
+                writer.writerow(COLUMNS)
+                for row in rows:
+                    writer.writerow([_format(row[name]) for name in COLUMNS])
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, self.path)
+            self.rows = rows
