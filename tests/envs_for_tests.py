@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import re
 import time
+from fractions import Fraction
 
 from lit_echo.envs.base import StepResult
 
@@ -56,6 +57,7 @@ BAD_VALUES = {
     "reward -inf": lambda: StepResult("x", reward=float("-inf")),
     "reward 1e200": lambda: StepResult("x", reward=1e200),
     "reward huge int": lambda: StepResult("x", reward=10**400),
+    "reward huge Fraction": lambda: StepResult("x", reward=Fraction(10**5000, 3)),
     "reward bool": lambda: StepResult("x", reward=True),
     "reward str": lambda: StepResult("x", reward="1.0"),  # type: ignore[arg-type]
     "info list": lambda: StepResult("x", info=[("success", True)]),  # type: ignore[arg-type]

@@ -85,7 +85,7 @@ def test_two_grid_processes_sharing_one_results_file_keep_each_others_rows(tmp_p
     """Two writers opened on the same file (as two grid processes on disjoint arms): each add keeps the rows the
     other added since; re-adding a key replaces its row."""
     path = tmp_path / "results.csv"
-    metrics = {name: 0.5 for name in METRIC_COLUMNS}
+    metrics = dict.fromkeys(METRIC_COLUMNS, 0.5)
     first, second = ResultsFile(path), ResultsFile(path)
     first.add(WARM_START, 0, 0, metrics)
     second.add("echo", 0, 8, metrics)

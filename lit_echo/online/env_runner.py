@@ -111,8 +111,10 @@ def check_reward(value: Any, field: str = "reward") -> float:
                             "not bool: return 1.0 or 0.0)")
     try:
         reward = float(value)
-    except (OverflowError, ValueError):  # an int too large for a float
-        raise BadStepResult(f"{field} is an integer of {value.bit_length()} bits, beyond float32 range") from None
+    except (OverflowError, ValueError):  # an int or a Fraction too large for a float
+        size = f"an integer of {value.bit_length()} bits" if isinstance(value, int) else \
+            f"a {type(value).__name__} of about 10^{int(math.log10(abs(int(value))))}"
+        raise BadStepResult(f"{field} is {size}, beyond float32 range") from None
     if not math.isfinite(reward):
         raise BadStepResult(f"{field} is {reward}, expected a finite number")
     if abs(reward) > FLOAT32_MAX:
