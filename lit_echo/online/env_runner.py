@@ -113,7 +113,7 @@ def check_reward(value: Any, field: str = "reward") -> float:
         reward = float(value)
     except (OverflowError, ValueError):  # an int or a Fraction too large for a float
         size = f"an integer of {value.bit_length()} bits" if isinstance(value, int) else \
-            f"a {type(value).__name__} of about 10^{int(math.log10(abs(int(value))))}"
+            f"a {type(value).__name__} with {int(math.log10(abs(int(value)))) + 1} digits"
         raise BadStepResult(f"{field} is {size}, beyond float32 range") from None
     if not math.isfinite(reward):
         raise BadStepResult(f"{field} is {reward}, expected a finite number")
