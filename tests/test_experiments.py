@@ -3,14 +3,20 @@
 from __future__ import annotations
 
 import csv
+import json
 import math
 from pathlib import Path
 
 import pytest
 
-from lit_echo.experiments.evaluation import METRIC_COLUMNS
+from lit_echo.experiments.evaluation import METRIC_COLUMNS, task_success_rates
 from lit_echo.experiments.grid import QUICK, arms
-from lit_echo.experiments.intervals import interval_of_mean, task_bootstrap_interval, wilson_interval
+from lit_echo.experiments.intervals import (
+    interval_of_mean,
+    paired_difference_interval,
+    task_bootstrap_interval,
+    wilson_interval,
+)
 from lit_echo.experiments.report import markdown_table, series
 from lit_echo.experiments.results import COLUMNS, WARM_START, ResultsFile
 
@@ -35,6 +41,31 @@ def test_task_bootstrap_is_wider_than_wilson_when_tasks_are_all_or_nothing():
     assert high - low > 1.4 * (w_high - w_low)
     assert task_bootstrap_interval([0, 0, 0], [4, 4, 4]) == (0.0, 0.0)
     assert task_bootstrap_interval([3], [4]) == wilson_interval(3, 4)
+
+
+def test_paired_difference_resolves_a_shift_the_unpaired_intervals_cannot():
+    """Tasks of very different difficulty, every one 10 points better after: the paired interval is exactly the
+    shift, while the two points' own task-bootstrap intervals overlap widely."""
+    before = [0.0, 0.1, 0.5, 0.9, 0.0, 0.4, 0.8, 0.2] * 5
+    after = [b + 0.1 for b in before]
+    diff, low, high = paired_difference_interval(before, after)
+    assert diff == pytest.approx(0.1) and low == pytest.approx(0.1) and high == pytest.approx(0.1)
+    own_before = task_bootstrap_interval([round(10 * b) for b in before], [10] * len(before))
+    own_after = task_bootstrap_interval([round(10 * a) for a in after], [10] * len(after))
+    assert own_after[0] < own_before[1]  # unpaired: the intervals overlap
+    noisy = paired_difference_interval([0, 1, 0, 1], [1, 0, 0, 1])
+    assert noisy[1] < 0 < noisy[2] and noisy[0] == 0
+    with pytest.raises(ValueError):
+        paired_difference_interval([0.1], [0.1, 0.2])
+
+
+def test_task_success_rates_read_an_evaluation_file(tmp_path):
+    path = tmp_path / "heldout_trees.jsonl"
+    lines = [{"metadata": {"env_seed": seed, "success": ok}} for seed, ok in [(3, True), (3, False), (5, False),
+                                                                               (5, False), (7, True)]]
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    assert task_success_rates(path) == {3: 0.5, 5: 0.0, 7: 1.0}
+    assert task_success_rates(tmp_path / "missing.jsonl") == {}
 
 
 def test_interval_of_mean_shrinks_with_more_runs():
@@ -144,6 +175,9 @@ def test_quick_grid_runs_every_arm_and_a_second_run_skips_everything(tmp_path, m
     table = (out / "results.md").read_text()
     for name in names:
         assert sum(line.startswith(f"| {name}:") for line in table.splitlines()) == 1
+        # Each run's last step against the warm start, paired over the same tasks.
+        assert sum(line.startswith(f"- {name}, seed 0, step {QUICK.online_steps}: unseen trees ")
+                   for line in table.splitlines()) == 1
 
     csv_before = (out / "results.csv").read_bytes()
     stamps = {p: p.stat().st_mtime_ns for p in out.glob("**/done.json")}

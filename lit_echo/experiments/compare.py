@@ -37,8 +37,9 @@ from pathlib import Path
 
 import yaml
 
-from lit_echo.experiments.evaluation import evaluate_point
+from lit_echo.experiments.evaluation import evaluate_point, task_success_rates
 from lit_echo.experiments.grid import FULL, QUICK, Arm, GridSpec, arms, online_config, warm_start_config
+from lit_echo.experiments.intervals import paired_difference_interval
 from lit_echo.experiments.report import markdown_table, plot
 from lit_echo.experiments.results import WARM_START, ResultsFile
 
@@ -196,8 +197,34 @@ class Grid:
                 "resampled by bootstrap in each run]. Per point and split: "
                 f"{spec.eval_tasks} tasks x {spec.eval_samples} episodes at temperature {spec.temperature}.\n\n"
                 + markdown_table(self.results.rows, self.arms)
+                + self._paired_text()
                 + f"\nCompute time so far: training {train_seconds / 60:.1f} min, evaluation "
                   f"{eval_seconds / 60:.1f} min.\n")
+
+    def _paired_text(self) -> str:
+        """Each run's last evaluated step against the warm start on the same held-out tasks (paired task
+        bootstrap of the success difference), from the episodes kept under ``evals/``."""
+        start = self.out / "evals" / WARM_START / "step-0"
+        lines = []
+        for row in self.results.rows:
+            if row["arm"] == WARM_START or row["step"] != self.spec.online_steps:
+                continue
+            point = self.out / "evals" / f"{row['arm']}-s{row['seed']}" / f"step-{row['step']}"
+            parts = []
+            for split, label in (("heldout_trees", "unseen trees"), ("heldout_tasks", "unseen task types")):
+                before, after = task_success_rates(start / f"{split}.jsonl"), task_success_rates(
+                    point / f"{split}.jsonl")
+                tasks = sorted(set(before) & set(after))
+                if not tasks:
+                    continue
+                diff, low, high = paired_difference_interval([before[t] for t in tasks], [after[t] for t in tasks])
+                parts.append(f"{label} {100 * diff:+.1f} points [{100 * low:+.1f}, {100 * high:+.1f}]")
+            if parts:
+                lines.append(f"- {row['arm']}, seed {row['seed']}, step {row['step']}: " + "; ".join(parts))
+        if not lines:
+            return ""
+        return ("\nSuccess change against the warm start on the same tasks (per run; 95% interval of a paired "
+                "bootstrap over tasks):\n\n" + "\n".join(lines) + "\n")
 
     def run(self, arm_names: list[str] | None = None, seeds: list[int] | None = None,
             publish: Path | None = None) -> Summary:

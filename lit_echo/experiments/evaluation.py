@@ -12,6 +12,7 @@ Per point:
 
 from __future__ import annotations
 
+import json
 import math
 import shutil
 import time
@@ -72,6 +73,20 @@ def _play(policy, tokenizer, spec: GridSpec, split: str, path: Path) -> dict[str
     return {f"{split}_success": agent["success_rate"], f"{split}_success_low": low,
             f"{split}_success_high": high, f"{split}_episodes": agent["rollouts"], f"{split}_tasks": len(episodes),
             f"{split}_valid_action_rate": agent["valid_action_rate"], f"{split}_turns_mean": agent["turns_mean"]}
+
+
+def task_success_rates(path: Path) -> dict[int, float]:
+    """Success rate of each task seed among the episodes written to ``path`` by an evaluation ({} if absent)."""
+    counts: dict[int, list[int]] = {}
+    if not path.is_file():
+        return {}
+    with open(path) as fh:
+        for line in fh:
+            metadata = json.loads(line)["metadata"]
+            count = counts.setdefault(int(metadata["env_seed"]), [0, 0])
+            count[0] += bool(metadata.get("success"))
+            count[1] += 1
+    return {seed: wins / total for seed, (wins, total) in counts.items()}
 
 
 def evaluate_point(spec: GridSpec, adapter: Path, point_dir: Path, expert_buffer: Path) -> dict[str, float]:

@@ -50,6 +50,27 @@ def task_bootstrap_interval(successes: Sequence[int], trials: Sequence[int], *, 
     return float(low), float(high)
 
 
+def paired_difference_interval(before: Sequence[float], after: Sequence[float], *, resamples: int = 2000,
+                               seed: int = 0, level: float = 0.95) -> tuple[float, float, float]:
+    """``(mean difference, low, high)`` of ``after - before`` over the same tasks: a percentile bootstrap that
+    resamples tasks, keeping each task's pair together.
+
+    ``before[i]``, ``after[i]``: the success rate of task i at two evaluation points (same task seeds). Pairing
+    removes the task-to-task spread that dominates each point's own interval, so it resolves much smaller
+    changes than comparing the two intervals.
+    """
+    d = np.asarray(after, dtype=np.float64) - np.asarray(before, dtype=np.float64)  # [N]
+    if d.ndim != 1 or len(before) != len(after):
+        raise ValueError(f"before and after must be 1-d and of equal length, got {len(before)} and {len(after)}")
+    if len(d) == 0:
+        return math.nan, math.nan, math.nan
+    rng = np.random.default_rng(seed)
+    means = d[rng.integers(0, len(d), size=(resamples, len(d)))].mean(1)  # [R]
+    tail = (1 - level) / 2
+    low, high = np.quantile(means, [tail, 1 - tail])
+    return float(d.mean()), float(low), float(high)
+
+
 def interval_of_mean(estimates: Sequence[float], lows: Sequence[float], highs: Sequence[float],
                      z: float = Z_95) -> tuple[float, float]:
     """Normal-approximation 95% interval of the mean of independent estimates, from their own 95% intervals.
