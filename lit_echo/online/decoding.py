@@ -165,13 +165,17 @@ class CachedRows:
         """Run ``input_ids`` ``[n, W]`` after the cached columns; the next-token logits ``[n, V]`` (float32)
         at each row's last column."""
         self.mask = torch.cat([self.mask, new_mask], dim=1)  # [n, C + W]
-        # The decoder, then the head on the last position only, as a 2-D matmul: the model's own
-        # ``logits_to_keep=1`` hands the head a strided [n, 1, H] slice, which CPU matmul serves by copying the
-        # head's weight n times (0.9 s of a 1.3 s chunk of 8 x 20 tokens with SmolLM2's 49k-token head).
-        out = self.body(input_ids=input_ids, attention_mask=self.mask, position_ids=positions, cache=self.cache,
+        return self._last_logits(input_ids, self.mask, positions, self.cache)
+
+    def _last_logits(self, input_ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache
+                     ) -> torch.Tensor:
+        """The decoder over ``input_ids`` ``[b, W]`` after ``cache`` (``mask`` ``[b, C + W]``), then the head on
+        the last position only, as a 2-D matmul: the model's own ``logits_to_keep=1`` hands the head a strided
+        [b, 1, H] slice, which CPU matmul serves by copying the head's weight b times (0.9 s of a 1.3 s chunk of
+        8 x 20 tokens with SmolLM2's 49k-token head). Returns float32 logits ``[b, V]``."""
+        out = self.body(input_ids=input_ids, attention_mask=mask, position_ids=positions, cache=cache,
                         use_cache=True)
-        hidden = out.last_hidden_state[:, -1]  # [n, H]
-        return self.head(hidden).float()  # [n, V]
+        return self.head(out.last_hidden_state[:, -1]).float()  # [b, V]
 
     def start(self, prompts: Sequence[Sequence[int]]) -> torch.Tensor:
         """Prefill the rows' prompts into an empty cache; the next-token logits ``[n, V]``.
@@ -258,10 +262,9 @@ class CachedRows:
             for layer_index, (k, v) in enumerate(old):
                 cache.update(k[index], v[index], layer_index)
             cut = width - bucket_width  # the bucket's chunks are right-aligned in the last bucket_width columns
-            out = self.body(input_ids=ids[index, cut:], position_ids=positions[index, cut:], cache=cache,
-                            attention_mask=torch.cat([self.mask[index], new_mask[index, cut:]], dim=1),
-                            use_cache=True)
-            bucket_logits = self.head(out.last_hidden_state[:, -1]).float()  # [b, V]
+            bucket_logits = self._last_logits(ids[index, cut:],
+                                              torch.cat([self.mask[index], new_mask[index, cut:]], dim=1),
+                                              positions[index, cut:], cache)  # [b, V]
             if logits is None:
                 logits = bucket_logits.new_empty(rows, bucket_logits.shape[1])
             logits[index] = bucket_logits
