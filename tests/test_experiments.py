@@ -7,6 +7,7 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from lit_echo.experiments.evaluation import METRIC_COLUMNS, task_success_rates
@@ -57,6 +58,24 @@ def test_paired_difference_resolves_a_shift_the_unpaired_intervals_cannot():
     assert noisy[1] < 0 < noisy[2] and noisy[0] == 0
     with pytest.raises(ValueError):
         paired_difference_interval([0.1], [0.1, 0.2])
+
+
+def test_paired_difference_over_several_runs_adds_the_spread_between_runs():
+    """Three training runs per side ([runs, tasks]): the estimate is the difference of the means over runs and
+    tasks, and resampling runs widens the interval when the runs disagree, not when they agree."""
+    base = np.array([0.0, 0.1, 0.5, 0.9, 0.0, 0.4, 0.8, 0.2] * 5)  # [N]
+    start = base[None, :]  # [1, N]: one warm start
+    agreeing = np.stack([base + 0.1] * 3)  # [3, N]
+    diff, low, high = paired_difference_interval(start, agreeing)
+    assert diff == pytest.approx(0.1) and low == pytest.approx(0.1) and high == pytest.approx(0.1)
+    spread = np.stack([base, base + 0.1, base + 0.2])  # same mean shift, runs disagree
+    diff, low, high = paired_difference_interval(start, spread)
+    assert diff == pytest.approx(0.1)
+    assert low < 0.05 and high > 0.15
+    arm_a = np.stack([base + 0.1, base + 0.2])  # [2, N] against [3, N]: shapes may differ in runs only
+    assert paired_difference_interval(spread, arm_a)[0] == pytest.approx(0.05)
+    with pytest.raises(ValueError, match="same tasks"):
+        paired_difference_interval(start, np.stack([base[:-1]] * 3))
 
 
 def test_task_success_rates_read_an_evaluation_file(tmp_path):
@@ -178,6 +197,10 @@ def test_quick_grid_runs_every_arm_and_a_second_run_skips_everything(tmp_path, m
         # Each run's last step against the warm start, paired over the same tasks.
         assert sum(line.startswith(f"- {name}, seed 0, step {QUICK.online_steps}: unseen trees ")
                    for line in table.splitlines()) == 1
+        # Each arm's mean over seeds against the warm start and (other arms) against masking: four intervals.
+        row = [line for line in table.splitlines() if line.startswith(f"| {name} | {len(QUICK.seeds)} | ")]
+        assert len(row) == 1
+        assert row[0].count("[") == (2 if name == "mask" else 4)
 
     csv_before = (out / "results.csv").read_bytes()
     stamps = {p: p.stat().st_mtime_ns for p in out.glob("**/done.json")}

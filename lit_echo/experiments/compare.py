@@ -201,30 +201,59 @@ class Grid:
                 + f"\nCompute time so far: training {train_seconds / 60:.1f} min, evaluation "
                   f"{eval_seconds / 60:.1f} min.\n")
 
+    def _task_rates(self, arm: str, seed: int, step: int, split: str) -> dict[int, float]:
+        """Per-task success of one evaluation point, from the episodes kept under ``evals/``."""
+        name = WARM_START if arm == WARM_START else f"{arm}-s{seed}"
+        return task_success_rates(self.out / "evals" / name / f"step-{step}" / f"{split}.jsonl")
+
     def _paired_text(self) -> str:
-        """Each run's last evaluated step against the warm start on the same held-out tasks (paired task
-        bootstrap of the success difference), from the episodes kept under ``evals/``."""
-        start = self.out / "evals" / WARM_START / "step-0"
-        lines = []
-        for row in self.results.rows:
-            if row["arm"] == WARM_START or row["step"] != self.spec.online_steps:
+        """Success changes at the last step on the same held-out tasks: per arm (mean over its training seeds)
+        against the warm start and against action masking, then per run against the warm start; intervals from
+        a paired bootstrap over tasks (and over training seeds where a side has several)."""
+        last = self.spec.online_steps
+        splits = (("heldout_trees", "unseen trees"), ("heldout_tasks", "unseen task types"))
+        seeds_of = {arm.name: sorted({int(r["seed"]) for r in self.results.rows
+                                      if r["arm"] == arm.name and int(r["step"]) == last}) for arm in self.arms}
+
+        def rates(arm: str, seeds: list[int], split: str) -> list[dict[int, float]]:
+            return [self._task_rates(arm, seed, last if arm != WARM_START else 0, split) for seed in seeds]
+
+        def change(after: list[dict[int, float]], before: list[dict[int, float]]) -> str:
+            tasks = sorted(set.intersection(*(set(r) for r in after + before)))
+            if not tasks:
+                return ""
+            diff, low, high = paired_difference_interval([[r[t] for t in tasks] for r in before],
+                                                         [[r[t] for t in tasks] for r in after])
+            return f"{100 * diff:+.1f} [{100 * low:+.1f}, {100 * high:+.1f}]"
+
+        arm_lines, run_lines = [], []
+        for arm in self.arms:
+            seeds = seeds_of[arm.name]
+            if not seeds:
                 continue
-            point = self.out / "evals" / f"{row['arm']}-s{row['seed']}" / f"step-{row['step']}"
-            parts = []
-            for split, label in (("heldout_trees", "unseen trees"), ("heldout_tasks", "unseen task types")):
-                before, after = task_success_rates(start / f"{split}.jsonl"), task_success_rates(
-                    point / f"{split}.jsonl")
-                tasks = sorted(set(before) & set(after))
-                if not tasks:
-                    continue
-                diff, low, high = paired_difference_interval([before[t] for t in tasks], [after[t] for t in tasks])
-                parts.append(f"{label} {100 * diff:+.1f} points [{100 * low:+.1f}, {100 * high:+.1f}]")
-            if parts:
-                lines.append(f"- {row['arm']}, seed {row['seed']}, step {row['step']}: " + "; ".join(parts))
-        if not lines:
+            cells = []
+            for split, _ in splits:
+                after, start = rates(arm.name, seeds, split), rates(WARM_START, [0], split)
+                cells.append(change(after, start))
+            for split, _ in splits:
+                masking = seeds_of["mask"]
+                cells.append("" if arm.name == "mask" or not masking
+                             else change(rates(arm.name, seeds, split), rates("mask", masking, split)))
+            arm_lines.append(f"| {arm.name} | {len(seeds)} | " + " | ".join(cells) + " |")
+            for seed in seeds:
+                parts = [f"{label} {change(rates(arm.name, [seed], split), rates(WARM_START, [0], split))}"
+                         for split, label in splits]
+                run_lines.append(f"- {arm.name}, seed {seed}, step {last}: " + "; ".join(parts))
+        if not arm_lines:
             return ""
-        return ("\nSuccess change against the warm start on the same tasks (per run; 95% interval of a paired "
-                "bootstrap over tasks):\n\n" + "\n".join(lines) + "\n")
+        return (f"\nSuccess change at step {last} in points, on the same held-out tasks: mean over each arm's "
+                "training seeds, [95% interval of a bootstrap that resamples tasks in pairs and, where a side has "
+                "several, training seeds]:\n\n"
+                "| arm | runs | vs warm start, unseen trees | vs warm start, unseen task types "
+                "| vs masking, unseen trees | vs masking, unseen task types |\n"
+                "|---|---|---:|---:|---:|---:|\n" + "\n".join(arm_lines) + "\n"
+                "\nPer run, against the warm start (points; tasks resampled in pairs):\n\n"
+                + "\n".join(run_lines) + "\n")
 
     def run(self, arm_names: list[str] | None = None, seeds: list[int] | None = None,
             publish: Path | None = None) -> Summary:

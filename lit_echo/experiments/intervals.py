@@ -50,25 +50,40 @@ def task_bootstrap_interval(successes: Sequence[int], trials: Sequence[int], *, 
     return float(low), float(high)
 
 
-def paired_difference_interval(before: Sequence[float], after: Sequence[float], *, resamples: int = 2000,
+def paired_difference_interval(before: Sequence[float] | Sequence[Sequence[float]],
+                               after: Sequence[float] | Sequence[Sequence[float]], *, resamples: int = 2000,
                                seed: int = 0, level: float = 0.95) -> tuple[float, float, float]:
-    """``(mean difference, low, high)`` of ``after - before`` over the same tasks: a percentile bootstrap that
-    resamples tasks, keeping each task's pair together.
+    """``(difference, low, high)`` of the mean success of ``after`` minus that of ``before`` over the same tasks:
+    a percentile bootstrap that resamples tasks, keeping each task's pair together, and, where a side holds
+    several training runs, also resamples those runs (with replacement, independently per side).
 
-    ``before[i]``, ``after[i]``: the success rate of task i at two evaluation points (same task seeds). Pairing
+    ``before[i]``, ``after[i]``: the success rate of task i at two evaluation points (same task seeds); or
+    ``before[s][i]``: task i in run s (shape ``[runs, tasks]``, e.g. one row per training seed of an arm). Pairing
     removes the task-to-task spread that dominates each point's own interval, so it resolves much smaller
-    changes than comparing the two intervals.
+    changes than comparing the two intervals; resampling runs adds the spread between training seeds.
     """
-    d = np.asarray(after, dtype=np.float64) - np.asarray(before, dtype=np.float64)  # [N]
-    if d.ndim != 1 or len(before) != len(after):
-        raise ValueError(f"before and after must be 1-d and of equal length, got {len(before)} and {len(after)}")
-    if len(d) == 0:
+    b = np.atleast_2d(np.asarray(before, dtype=np.float64))  # [Sb, N]
+    a = np.atleast_2d(np.asarray(after, dtype=np.float64))  # [Sa, N]
+    if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[1]:
+        raise ValueError(f"before and after must be [tasks] or [runs, tasks] over the same tasks, got shapes "
+                         f"{b.shape} and {a.shape}")
+    n = a.shape[1]
+    if n == 0 or a.shape[0] == 0 or b.shape[0] == 0:
         return math.nan, math.nan, math.nan
     rng = np.random.default_rng(seed)
-    means = d[rng.integers(0, len(d), size=(resamples, len(d)))].mean(1)  # [R]
+    tasks = rng.integers(0, n, size=(resamples, n))  # [R, N], shared by both sides: the pairing
+
+    def resampled_means(x: np.ndarray) -> np.ndarray:  # x: [S, N] -> [R]
+        per_run = x[:, tasks].mean(-1)  # [S, R]
+        if x.shape[0] > 1:
+            runs = rng.integers(0, x.shape[0], size=(x.shape[0], resamples))  # [S, R]
+            per_run = np.take_along_axis(per_run, runs, axis=0)
+        return per_run.mean(0)
+
+    diffs = resampled_means(a) - resampled_means(b)  # [R]
     tail = (1 - level) / 2
-    low, high = np.quantile(means, [tail, 1 - tail])
-    return float(d.mean()), float(low), float(high)
+    low, high = np.quantile(diffs, [tail, 1 - tail])
+    return float(a.mean() - b.mean()), float(low), float(high)
 
 
 def interval_of_mean(estimates: Sequence[float], lows: Sequence[float], highs: Sequence[float],
