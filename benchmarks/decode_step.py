@@ -26,6 +26,7 @@ import torch
 from base_weights import BaseWeights  # noqa: E402  (benchmarks/, the script's own folder)
 
 from lit_echo import models
+from lit_echo.online.attention import decode_attention
 from lit_echo.online.decoding import CachedRows
 from lit_echo.precision import native_bf16
 
@@ -33,22 +34,16 @@ from lit_echo.precision import native_bf16
 def decode_ms(model, rows: int, prompt: list[int], steps: int, attention: str, bf16: bool) -> float:
     """Median ms of ``steps`` decode steps of ``rows`` rows after ``prompt`` (prefill not timed)."""
     cached = CachedRows(model, pad_token_id=0, grouped_decode=attention == "grouped")
-    config = models._causal_lm(model).config
-    own = config._attn_implementation
     times = []
     autocast = torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
     with torch.no_grad(), autocast:
         cached.start([prompt] * rows)
         tokens = torch.full((rows,), 42)
-        if attention == "eager":
-            config._attn_implementation = "eager"
-        try:
+        with decode_attention(model, "eager") if attention == "eager" else contextlib.nullcontext():
             for _ in range(steps + 1):  # the first step warms up
                 started = time.perf_counter()
                 cached.step(tokens, [True] * rows)
                 times.append(time.perf_counter() - started)
-        finally:
-            config._attn_implementation = own
     return 1000 * statistics.median(times[1:])
 
 

@@ -16,3 +16,11 @@ def tiny_tokenizer():
 def tiny_checkpoint(tmp_path_factory):
     """Directory with a tiny random Qwen2 model and its tokenizer (``save_pretrained`` format)."""
     return save_tiny_checkpoint(tmp_path_factory.mktemp("tiny-qwen2"))
+
+
+@pytest.fixture(scope="session")
+def tokenizer(tiny_checkpoint):
+    """The tiny checkpoint's tokenizer, loaded the way the product loads one (a test module may override it)."""
+    from lit_echo import models
+
+    return models.load_tokenizer(str(tiny_checkpoint))

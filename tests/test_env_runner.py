@@ -174,11 +174,6 @@ def test_import_env_class_lives_in_envs_base():
 
 # ------------------------------------------------------------------------------------------ through the generator
 @pytest.fixture(scope="module")
-def tokenizer(tiny_checkpoint):
-    return models.load_tokenizer(str(tiny_checkpoint))
-
-
-@pytest.fixture(scope="module")
 def model(tiny_checkpoint):
     torch.manual_seed(0)
     return models.build_model(str(tiny_checkpoint), lora_rank=4)

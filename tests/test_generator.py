@@ -65,11 +65,6 @@ class FailingEnv(ScriptedEnv):
 
 
 @pytest.fixture(scope="module")
-def tokenizer(tiny_checkpoint):
-    return models.load_tokenizer(str(tiny_checkpoint))
-
-
-@pytest.fixture(scope="module")
 def model(tiny_checkpoint):
     torch.manual_seed(0)
     model = models.build_model(str(tiny_checkpoint), lora_rank=4)

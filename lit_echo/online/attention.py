@@ -81,13 +81,14 @@ def use_grouped_decode(model: torch.nn.Module) -> bool:
 
 
 @contextlib.contextmanager
-def decode_attention(model: torch.nn.Module) -> Iterator[None]:
-    """Run the forwards inside with :func:`grouped_attention`; the model's own implementation is restored after."""
+def decode_attention(model: torch.nn.Module, implementation: str | None = None) -> Iterator[None]:
+    """Run the forwards inside with :func:`grouped_attention` (or the Hugging Face attention ``implementation``
+    named, e.g. ``"eager"``); the model's own implementation is restored after."""
     from lit_echo.models import _causal_lm
 
     config = _causal_lm(model).config
     previous = config._attn_implementation
-    config._attn_implementation = register()
+    config._attn_implementation = register() if implementation is None else implementation
     try:
         yield
     finally:

@@ -516,18 +516,8 @@ class OnlineRolloutDataModule(RolloutDataModule):
                         policy_version=trainer.global_step)
                     stats += group_stats
             else:
-                by_env: dict[str, list[tuple[int, int]]] = {}
-                for index, seed in zip(indices, seeds):
-                    by_env.setdefault(_pick(self.env_specs, seed).name, []).append((index, seed))
-                for name, members in by_env.items():
-                    batch, batch_stats = self._generators[name].generate_groups(
-                        self._policy(), [seed for _, seed in members], h.group_size,
-                        group_ids=[f"{name}-seed{seed}" for _, seed in members], policy_version=trainer.global_step)
-                    stats += batch_stats
-                    for (index, _), rollouts in zip(members, batch):
-                        for rollout in rollouts:
-                            rollout.metadata["env"] = name
-                        groups[index] = rollouts
+                batch, stats = self._generate_by_env(self._generators, self.env_specs, seeds, h.group_size)
+                groups = dict(zip(indices, batch))
         for index in indices:
             rollouts = groups[index]
             advantages = grpo_advantages([r.reward for r in rollouts], [r.group_id for r in rollouts],
@@ -539,6 +529,28 @@ class OnlineRolloutDataModule(RolloutDataModule):
             if self._writer is not None:
                 self._writer.write_group(rollouts)
         return [groups[index] for index in indices], stats
+
+    def _generate_by_env(self, generators: dict[str, GroupGenerator], specs: list[EnvEntry], seeds: list[int],
+                         group_size: int, id_prefix: str = "") -> tuple[list[list[Rollout]], GenerationStats]:
+        """One group of ``group_size`` rollouts per task seed, in ``seeds`` order: the tasks of each environment
+        of the mixture sampled together by its generator, each rollout's ``metadata["env"]`` set."""
+        positions: dict[str, list[int]] = {}
+        for position, seed in enumerate(seeds):
+            positions.setdefault(_pick(specs, seed).name, []).append(position)
+        groups: list[list[Rollout]] = [[] for _ in seeds]
+        stats = GenerationStats()
+        for name, members in positions.items():
+            env_seeds = [seeds[p] for p in members]
+            batch, batch_stats = generators[name].generate_groups(
+                self._policy(), env_seeds, group_size,
+                group_ids=[f"{id_prefix}{name}-seed{seed}" for seed in env_seeds],
+                policy_version=self.trainer.global_step)
+            stats += batch_stats
+            for position, rollouts in zip(members, batch):
+                for rollout in rollouts:
+                    rollout.metadata["env"] = name
+                groups[position] = rollouts
+        return groups, stats
 
     def _log_round(self, generated: _Round, prefix: str = "") -> None:
         trainer = self.trainer
@@ -569,20 +581,13 @@ class OnlineRolloutDataModule(RolloutDataModule):
         per_batch = (h.groups_per_batch or h.groups_per_step) * h.group_size  # rows sampled together
         try:
             for start in range(0, len(seeds), per_batch):
-                by_env: dict[str, list[int]] = {}
-                for seed in seeds[start:start + per_batch]:
-                    by_env.setdefault(_pick(self.val_env_specs, seed).name, []).append(seed)
-                for name, env_seeds in by_env.items():
-                    with self._forward_context():
-                        groups, group_stats = self._val_generators[name].generate_groups(
-                            self._policy(), env_seeds, 1, group_ids=[f"val-{name}-seed{seed}" for seed in env_seeds],
-                            policy_version=trainer.global_step)
-                    stats += group_stats
-                    for rollouts in groups:
-                        for rollout in rollouts:
-                            rollout.metadata["env"] = name
-                        generated.extend(rollouts)
-                        yield from rollouts
+                with self._forward_context():
+                    groups, group_stats = self._generate_by_env(self._val_generators, self.val_env_specs,
+                                                                seeds[start:start + per_batch], 1, id_prefix="val-")
+                stats += group_stats
+                for rollouts in groups:
+                    generated.extend(rollouts)
+                    yield from rollouts
         finally:  # also when the loop stops early (limit_val_batches): log what was generated
             if stats.rollouts:
                 self._log_round(_Round(0, stats, generated[:h.log_samples], _task_metrics(generated, "val/")),
