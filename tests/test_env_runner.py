@@ -157,6 +157,25 @@ def test_construction_errors_are_raised_with_their_cause():
         ProcessEnv(lambda: FaultEnv(), timeout_s=10.0)
 
 
+def test_a_data_module_entry_is_an_env_spec_and_its_name_reaches_the_worker_messages():
+    """``data.envs`` entries are EnvSpecs (picklable, process isolation works) and keep their configured name,
+    which timeout and failure messages use; a bad class path names the configuration entry."""
+    from lit_echo.online.datamodule import _env_specs
+
+    (entry,) = _env_specs(None, None, [{"class_path": "envs_for_tests.FaultEnv", "name": "faulty",
+                                        "init_args": {"fault": "none"}, "weight": 2}])
+    assert isinstance(entry, EnvSpec) and entry.weight == 2.0 and entry.option == "data.envs[0]"
+    env = ProcessEnv(entry, timeout_s=10.0)
+    try:
+        assert env.name == "faulty"
+        assert env.reset(3)[-1] == {"role": "user", "content": "Task 3."}
+    finally:
+        env.close()
+    assert EnvSpec("envs_for_tests.FaultEnv").name == "FaultEnv"
+    with pytest.raises(Exception, match=r"data\.envs\[1\]"):
+        EnvSpec("no_such_module_here.Env", option="data.envs[1]")()
+
+
 def test_process_mode_needs_a_picklable_factory(tiny_tokenizer):
     with pytest.raises(TypeError, match="EnvSpec"):
         GroupGenerator(lambda: FaultEnv(), tiny_tokenizer, SamplingSettings(env_isolation="process"))

@@ -133,10 +133,12 @@ class EnvSpec:
 
     class_path: str
     kwargs: dict[str, Any] = field(default_factory=dict)
+    name: str = ""  # in group ids, metrics and error messages; default: the class name
+    option: str = "env_class"  # the configuration entry an import error names
+
+    def __post_init__(self) -> None:
+        if not self.name:
+            object.__setattr__(self, "name", self.class_path.rpartition(".")[2])
 
     def __call__(self) -> Environment:
-        return import_env_class(self.class_path)(**self.kwargs)
-
-    @property
-    def name(self) -> str:
-        return self.class_path.rpartition(".")[2]
+        return import_object(self.class_path, self.option)(**self.kwargs)

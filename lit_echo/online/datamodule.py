@@ -46,7 +46,7 @@ import uuid
 from collections import deque
 from collections.abc import Callable, Iterator
 from contextlib import nullcontext
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -55,7 +55,7 @@ from torch.utils.data import DataLoader, IterableDataset
 from lit_echo.advantages import grpo_advantages
 from lit_echo.data.buffer import BufferItem, expand_paths
 from lit_echo.data.datamodule import RolloutDataModule
-from lit_echo.envs.base import Environment, import_env_class, import_object  # noqa: F401  (import_env_class re-exported)
+from lit_echo.envs.base import Environment, EnvSpec, import_env_class, import_object  # noqa: F401  (import_env_class re-exported)
 from lit_echo.online.agent import run_agent
 from lit_echo.online.generator import GenerationStats, GroupGenerator, SamplingSettings
 from lit_echo.online.reporting import log_generation
@@ -65,21 +65,15 @@ from lit_echo.rollout import Rollout
 log = logging.getLogger(__name__)
 
 
-@dataclass
-class EnvEntry:
-    """One environment of the run; calling it makes a fresh instance (picklable: class path + kwargs).
+@dataclass(frozen=True)
+class EnvEntry(EnvSpec):
+    """One environment of the run: an :class:`~lit_echo.envs.base.EnvSpec` (calling it makes a fresh instance,
+    picklable for process isolation) with its ``weight`` in a mixture.
 
     ``name`` prefixes group ids (``{name}-seed{seed}``) and is the task type of metrics when ``info`` has none;
     ``option`` names the configuration entry in error messages."""
 
-    class_path: str
-    kwargs: dict = field(default_factory=dict)
     weight: float = 1.0
-    name: str = ""
-    option: str = "data.env_class"
-
-    def __call__(self) -> Environment:
-        return import_object(self.class_path, self.option)(**self.kwargs)
 
 
 def _env_specs(env_class: str | None, env_kwargs: dict | None, envs: list[dict] | None) -> list[EnvEntry]:
@@ -88,7 +82,7 @@ def _env_specs(env_class: str | None, env_kwargs: dict | None, envs: list[dict] 
         if env_class is None:
             return []
         cls = import_object(env_class, "data.env_class")
-        return [EnvEntry(env_class, dict(env_kwargs or {}), 1.0, cls.__name__, "data.env_class")]
+        return [EnvEntry(env_class, dict(env_kwargs or {}), name=cls.__name__, option="data.env_class")]
     if env_class is not None or env_kwargs:
         raise ValueError("set data.env_class/data.env_kwargs (one environment) or data.envs (a mixture), not both")
     if not envs:
@@ -111,8 +105,8 @@ def _env_specs(env_class: str | None, env_kwargs: dict | None, envs: list[dict] 
         if not isinstance(init_args, dict):
             raise TypeError(f"{option}.init_args: expected a mapping of constructor arguments, got {init_args!r}")
         cls = import_object(entry["class_path"], f"{option}.class_path")
-        specs.append(EnvEntry(entry["class_path"], dict(init_args), float(weight), entry.get("name") or cls.__name__,
-                             option))
+        specs.append(EnvEntry(entry["class_path"], dict(init_args), name=entry.get("name") or cls.__name__,
+                              option=option, weight=float(weight)))
     names = [spec.name for spec in specs]
     repeated = sorted({name for name in names if names.count(name) > 1})
     if repeated:
