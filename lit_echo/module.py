@@ -248,6 +248,10 @@ class EchoModule(L.LightningModule):
             cmae_threshold=cmae_threshold, kl_coef=kl_coef,
             paw=PawConfig(select_fraction=paw_select_fraction, reward_adaptive=paw_reward_adaptive,
                           max_reward=max_reward))
+        if paw_reward_adaptive and world_coef != 1:
+            log.warning("model.paw_reward_adaptive with model.world_coef %g: PaW's per-group weight "
+                        "1 - mean_return/max_reward is the whole coefficient of its world term (PaW uses world_coef "
+                        "1); %g scales it further", world_coef, world_coef)
         self.world_coef_at = WorldCoefSchedule(kind=world_schedule, world_coef=world_coef,
                                                final_coef=world_final_coef, decay_steps=world_decay_steps,
                                                gamma=world_gamma, step_size=world_step_size)

@@ -146,6 +146,36 @@ def test_two_grid_processes_sharing_one_results_file_keep_each_others_rows(tmp_p
     assert rows[1][METRIC_COLUMNS[0]] == 0.25
 
 
+def test_a_run_trained_again_replaces_its_rows_and_a_stale_recipe_is_refused(tmp_path):
+    """remove_run drops one run's rows only; a finished run whose stored model settings differ from the current
+    recipe (e.g. an arm fixed after it ran) raises naming the setting, instead of being reported as the new one."""
+    import yaml
+
+    from lit_echo.experiments.compare import _check_same_recipe
+    from lit_echo.experiments.grid import FULL, online_config
+
+    path = tmp_path / "results.csv"
+    metrics = dict.fromkeys(METRIC_COLUMNS, 0.5)
+    results = ResultsFile(path)
+    for arm, seed, step in [(WARM_START, 0, 0), ("paw", 0, 8), ("paw", 0, 16), ("paw", 1, 8), ("mask", 0, 8)]:
+        results.add(arm, seed, step, metrics)
+    results.remove_run("paw", 0)
+    assert [(r["arm"], r["seed"], r["step"]) for r in ResultsFile(path).rows] == [
+        (WARM_START, 0, 0), ("mask", 0, 8), ("paw", 1, 8)]
+
+    paw = next(a for a in arms(FULL.online_steps) if a.name == "paw")
+    root = tmp_path / "runs" / "paw-s0"
+    root.mkdir(parents=True)
+    config = online_config(FULL, paw, 0, root, tmp_path / "warm_start" / "adapter")
+    (root / "config.yaml").write_text(yaml.safe_dump(config))
+    moved = online_config(FULL, paw, 0, root, tmp_path / "elsewhere" / "adapter")
+    _check_same_recipe(root, moved)  # same recipe, other paths: accepted
+    old = {**config, "model": {**config["model"], "world_coef": 0.05}}
+    (root / "config.yaml").write_text(yaml.safe_dump(old))
+    with pytest.raises(ValueError, match=r"paw-s0: .*model\.world_coef: 0\.05 now 1\.0"):
+        _check_same_recipe(root, config)
+
+
 def test_results_file_rejects_another_header(tmp_path):
     path = tmp_path / "results.csv"
     path.write_text("arm,seed,step,success\nmask,0,1,0.5\n")

@@ -96,6 +96,19 @@ def fit(config: dict, root: Path) -> float:
     return seconds
 
 
+def _check_same_recipe(root: Path, config: dict) -> None:
+    """Raise when the finished run in ``root`` was trained with other ``model`` settings than ``config``'s
+    (paths aside: the grid directory may have moved)."""
+    found = yaml.safe_load((root / "config.yaml").read_text()).get("model", {})
+    wanted = config.get("model", {})
+    changed = sorted(k for k in set(found) | set(wanted) if k != "init_adapter" and found.get(k) != wanted.get(k))
+    if changed:
+        raise ValueError(f"{root}: this finished run was trained with other settings than this version's recipe "
+                         f"(model.{', model.'.join(changed)}: "
+                         f"{', '.join(f'{found.get(k)!r} now {wanted.get(k)!r}' for k in changed)}); delete the "
+                         "directory to train it again (its rows in results.csv are replaced)")
+
+
 class Grid:
     """The comparison under ``out`` for ``spec``; ``data_dir`` holds the ShellWorld expert buffers."""
 
@@ -130,8 +143,10 @@ class Grid:
         return self.out / "warm_start"
 
     def _train(self, name: str, config: dict, root: Path) -> bool:
-        """Train unless finished; False when it failed."""
+        """Train unless finished; False when it failed. A finished run trained with other ``model`` settings
+        than this version's recipe raises (its results would be reported under the wrong recipe)."""
         if (root / DONE).exists():
+            _check_same_recipe(root, config)
             return True
         log.info("training %s", name)
         try:
@@ -169,6 +184,8 @@ class Grid:
         name = f"{arm.name}-s{seed}"
         root = self.out / "runs" / name
         config = online_config(self.spec, arm, seed, root, self.warm_start_dir / "adapter")
+        if not (root / DONE).exists():  # (re)trained from scratch: rows of an earlier run of this name go
+            self.results.remove_run(arm.name, seed)
         if not self._train(name, config, root):
             return
         for step in self.spec.eval_steps():

@@ -70,7 +70,8 @@ def arms(online_steps: int) -> tuple[Arm, ...]:
             {"world_coef": 0.05, "world_schedule": "linear", "world_final_coef": 0.0,
              "world_decay_steps": online_steps}),
         Arm("paw", "PaW (clipped MAE, entropy selection 0.75, reward-adaptive weight)",
-            {"world_coef": 0.05, "world_loss": "cmae", "paw_select_fraction": 0.75, "paw_reward_adaptive": True}),
+            # PaW's per-group weight 1 - mean_return/max_reward is its whole coefficient: world_coef 1.
+            {"world_coef": 1.0, "world_loss": "cmae", "paw_select_fraction": 0.75, "paw_reward_adaptive": True}),
         Arm("world_only", "world model only (policy_coef 0, verifier-free)", {"world_coef": 0.05, "policy_coef": 0.0}),
     )
 

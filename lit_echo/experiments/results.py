@@ -70,11 +70,20 @@ class ResultsFile:
         missing = [name for name in METRIC_COLUMNS if name not in metrics]
         if missing:
             raise KeyError(f"evaluation result lacks columns {missing}")
+        row = {"arm": arm, "seed": seed, "step": step, **{k: metrics[k] for k in METRIC_COLUMNS}}
+        self._rewrite(lambda r: (r["arm"], r["seed"], r["step"]) != (arm, seed, step), [row])
+
+    def remove_run(self, arm: str, seed: int) -> None:
+        """Drop every row of run ``arm`` seed ``seed`` (they belong to an earlier run of that name)."""
+        if any(r["arm"] == arm and r["seed"] == seed for r in self._read()):
+            self._rewrite(lambda r: (r["arm"], r["seed"]) != (arm, seed), [])
+
+    def _rewrite(self, keep, new_rows: list[Row]) -> None:
+        """Under the lock: the file's current rows that ``keep`` accepts, plus ``new_rows``, written atomically."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.path.with_name(self.path.name + ".lock"), "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
-            rows = [r for r in self._read() if (r["arm"], r["seed"], r["step"]) != (arm, seed, step)]
-            rows.append({"arm": arm, "seed": seed, "step": step, **{k: metrics[k] for k in METRIC_COLUMNS}})
+            rows = [r for r in self._read() if keep(r)] + new_rows
             rows.sort(key=lambda r: (r["arm"] != WARM_START, str(r["arm"]), r["seed"], r["step"]))
             tmp = self.path.with_name(f"{self.path.name}.{os.getpid()}.tmp")
             with open(tmp, "w", newline="") as fh:
