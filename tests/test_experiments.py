@@ -238,3 +238,15 @@ def test_quick_grid_runs_every_arm_and_a_second_run_skips_everything(tmp_path, m
     assert again.trained == [] and again.evaluated == [] and again.failures == []
     assert (out / "results.csv").read_bytes() == csv_before
     assert {p: p.stat().st_mtime_ns for p in out.glob("**/done.json")} == stamps  # nothing retrained
+
+
+def test_the_command_refuses_another_grids_directory_and_missing_buffers_without_a_traceback(tmp_path):
+    from lit_echo.experiments.compare import main
+
+    out = tmp_path / "grid"
+    out.mkdir()
+    (out / "spec.json").write_text(json.dumps({"model": "another", "online_steps": 3}))
+    with pytest.raises(SystemExit, match=r"error: .*spec\.json: this directory holds a grid with other sizes"):
+        main(["--out", str(out), "--data-dir", str(REPO / "data" / "shellworld")])
+    with pytest.raises(SystemExit, match=r"error: .*expert-train\.jsonl\.gz: missing; --data-dir"):
+        main(["--out", str(tmp_path / "fresh"), "--data-dir", str(tmp_path)])

@@ -312,12 +312,18 @@ def main(argv: list[str] | None = None) -> Summary:
         out = Path(tempfile.mkdtemp(prefix="lit-echo-compare-"))
     else:
         out = Path("runs/compare")
-    grid = Grid(spec, out.resolve(), Path(args.data_dir).resolve())
+    try:
+        grid = Grid(spec, out.resolve(), Path(args.data_dir).resolve())
+    except (ValueError, FileNotFoundError) as err:  # another grid's directory, missing buffers: say it, no trace
+        raise SystemExit(f"error: {err}") from None
     arm_names = None if args.arms is None else _names(args.arms, [a.name for a in grid.arms], "arms")
     seeds = None if args.seeds is None else [int(s) for s in _names(args.seeds, [str(s) for s in spec.seeds],
                                                                        "seeds")]
     started = time.perf_counter()
-    summary = grid.run(arm_names, seeds, None if args.publish is None else Path(args.publish))
+    try:
+        summary = grid.run(arm_names, seeds, None if args.publish is None else Path(args.publish))
+    except ValueError as err:  # a finished run of another recipe: nothing to retry until the user decides
+        raise SystemExit(f"error: {err}") from None
     print(f"{out}: trained {len(summary.trained)} run(s), evaluated {len(summary.evaluated)} point(s) in "
           f"{time.perf_counter() - started:.0f} s; results.csv, results.png, results.md written")
     if summary.failures:
