@@ -250,3 +250,20 @@ def test_the_command_refuses_another_grids_directory_and_missing_buffers_without
         main(["--out", str(out), "--data-dir", str(REPO / "data" / "shellworld")])
     with pytest.raises(SystemExit, match=r"error: .*expert-train\.jsonl\.gz: missing; --data-dir"):
         main(["--out", str(tmp_path / "fresh"), "--data-dir", str(tmp_path)])
+
+
+def test_report_only_writes_the_report_from_the_rows_so_far_and_trains_nothing(tmp_path):
+    from lit_echo.experiments.compare import main
+
+    out = tmp_path / "grid"
+    metrics = {**dict.fromkeys(METRIC_COLUMNS, 0.5), "heldout_trees_success": 0.25}
+    results = ResultsFile(out / "results.csv")
+    results.add(WARM_START, 0, 0, metrics)
+    results.add("mask", 1, 16, metrics)
+    summary = main(["--out", str(out), "--data-dir", str(REPO / "data" / "shellworld"), "--report-only",
+                    "--publish", str(tmp_path / "published")])
+    assert summary.trained == [] and summary.evaluated == []
+    assert not (out / "warm_start").exists() and not (out / "runs").exists()
+    table = (tmp_path / "published" / "results.md").read_text()
+    assert any(line.startswith("| mask:") and "25.0" in line for line in table.splitlines())
+    assert (tmp_path / "published" / "results.png").read_bytes().startswith(PNG_SIGNATURE)

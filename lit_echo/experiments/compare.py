@@ -3,6 +3,7 @@
     python -m lit_echo.experiments.compare                    # the full grid (resumable; results in runs/compare)
     python -m lit_echo.experiments.compare --quick            # the whole pipeline on the tiny model, ~1 min
     python -m lit_echo.experiments.compare --arms mask --seeds 0   # only part of the grid this sitting
+    python -m lit_echo.experiments.compare --report-only --publish results   # the report of the rows so far
 
 Stages, each skipped when already done, so the grid can be spread over several sittings (a kill loses at most
 the run or evaluation in progress):
@@ -302,6 +303,9 @@ def main(argv: list[str] | None = None) -> Summary:
     parser.add_argument("--seeds", default=None, help="comma-separated training seeds to run now (default: all)")
     parser.add_argument("--publish", default=None,
                         help="also copy results.csv, results.png, results.md to this directory (e.g. results)")
+    parser.add_argument("--report-only", action="store_true",
+                        help="train and evaluate nothing: write the report from the rows so far (safe while other "
+                             "grid processes run on the same --out)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
 
@@ -320,8 +324,13 @@ def main(argv: list[str] | None = None) -> Summary:
     seeds = None if args.seeds is None else [int(s) for s in _names(args.seeds, [str(s) for s in spec.seeds],
                                                                        "seeds")]
     started = time.perf_counter()
+    publish = None if args.publish is None else Path(args.publish)
+    if args.report_only:
+        grid.report(publish)
+        print(f"{out}: results.png and results.md written from {len(grid.results.rows)} row(s)")
+        return grid.summary
     try:
-        summary = grid.run(arm_names, seeds, None if args.publish is None else Path(args.publish))
+        summary = grid.run(arm_names, seeds, publish)
     except ValueError as err:  # a finished run of another recipe: nothing to retry until the user decides
         raise SystemExit(f"error: {err}") from None
     print(f"{out}: trained {len(summary.trained)} run(s), evaluated {len(summary.evaluated)} point(s) in "
