@@ -368,3 +368,18 @@ def test_step_without_targets_logs_counts_not_nll_and_warns_once(tiny_checkpoint
 def test_nonsense_options_fail_at_construction_naming_the_option(option, value):
     with pytest.raises(ValueError, match=option):
         EchoModule("this-model-is-never-loaded", **{option: value})
+
+
+def test_paw_weight_scaled_by_another_world_coef_is_warned(tiny_checkpoint, caplog):
+    """PaW's per-group weight is the whole coefficient of its world term: world_coef 0.05 on top shrinks it 20x
+    (the comparison grid's PaW arm once ran that way), so the module says so; world_coef 1 is quiet."""
+    import logging
+
+    with caplog.at_level(logging.WARNING, logger="lit_echo.module"):
+        EchoModule(str(tiny_checkpoint), lora_rank=4, paw_reward_adaptive=True, world_coef=0.05)
+    assert "PaW uses world_coef 1" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="lit_echo.module"):
+        EchoModule(str(tiny_checkpoint), lora_rank=4, paw_reward_adaptive=True, world_coef=1.0)
+        EchoModule(str(tiny_checkpoint), lora_rank=4, world_coef=0.05)
+    assert "PaW" not in caplog.text
