@@ -34,8 +34,13 @@ intervals are a task-level bootstrap, so more tasks with fewer samples each narr
 
 Arithmetic of the whole grid: warm start 6 min; 15 runs x 16 steps x ~40 s = 2.7 h of training; (15 runs x 2 + 1)
 points x ~8.5 min = 4.4 h of evaluation: about 7 hours of one core, about 3.5 hours with two grid processes side
-by side (``--out`` directories of their own, merged after), over the 2-hour target. Evaluating only the last step
-(``eval_every=16``) saves ~2 h of one core. The grid is resumable, so it is meant to be spread over sittings.
+by side (disjoint ``--arms``, one shared ``--out``), over the 2-hour target. Evaluating only the last step
+(``eval_every=16``) saves ~2 h of one core; so would scoring the own-episode world NLL on a subsample (half of
+each point's time). The grid is resumable, so it is meant to be spread over sittings.
+
+PaW arm: ``world_coef`` 1, because PaW's per-group weight ``1 - mean_return/max_reward`` is the whole coefficient
+of its world term. A first seed-0 run at ``world_coef`` 0.05 (ECHO's value, shrinking PaW's term 20x) left the
+held-out expert NLL where the warm start had it (2.227 -> 2.237); it was discarded and retrained.
 """
 
 from __future__ import annotations
