@@ -214,6 +214,9 @@ def test_quick_grid_runs_every_arm_and_a_second_run_skips_everything(tmp_path, m
         for step in QUICK.eval_steps():
             assert (out / "runs" / f"{name}-s0" / "adapters" / f"step-{step}" / "adapter_model.safetensors").is_file()
             assert (out / "evals" / f"{name}-s0" / f"step-{step}" / "heldout_trees.jsonl").stat().st_size > 0
+            # each point evaluated in its own process: its metrics file and log
+            assert (out / "evals" / f"{name}-s0" / f"step-{step}" / "metrics.json").is_file()
+            assert (out / "evals" / f"{name}-s0" / f"step-{step}.log").is_file()
 
     png = (out / "results.png").read_bytes()
     assert png.startswith(PNG_SIGNATURE)

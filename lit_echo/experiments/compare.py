@@ -38,7 +38,7 @@ from pathlib import Path
 
 import yaml
 
-from lit_echo.experiments.evaluation import evaluate_point, task_success_rates
+from lit_echo.experiments.evaluation import METRICS_FILE, task_success_rates
 from lit_echo.experiments.grid import FULL, QUICK, Arm, GridSpec, arms, online_config, warm_start_config
 from lit_echo.experiments.intervals import paired_difference_interval
 from lit_echo.experiments.report import markdown_table, plot
@@ -110,6 +110,24 @@ def _check_same_recipe(root: Path, config: dict) -> None:
                          "directory to train it again (its rows in results.csv are replaced)")
 
 
+def evaluate(spec: GridSpec, adapter: Path, point_dir: Path, expert_buffer: Path) -> dict[str, float]:
+    """:func:`~lit_echo.experiments.evaluation.evaluate_point` in a fresh process; its metrics.
+
+    The grid process then holds no policy between points: two grids side by side keep their memory to their
+    training runs (an in-process evaluation left ~4 GB resident in each grid, and with two ~8 GB training runs
+    that exhausted a 24 GB machine). Its output goes to ``point_dir`` + ``.log``."""
+    log_path = point_dir.with_name(point_dir.name + ".log")
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "w") as out:
+        process = subprocess.run([sys.executable, "-m", "lit_echo.experiments.evaluation", json.dumps(spec.to_json()),
+                                  str(adapter), str(point_dir), str(expert_buffer)],
+                                 check=False, stdout=out, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent)
+    if process.returncode != 0:
+        tail = log_path.read_text(errors="replace")[-2000:]
+        raise StageFailed(f"{point_dir}: evaluation exited with status {process.returncode} (log: {log_path})\n{tail}")
+    return json.loads((point_dir / METRICS_FILE).read_text())
+
+
 class Grid:
     """The comparison under ``out`` for ``spec``; ``data_dir`` holds the ShellWorld expert buffers."""
 
@@ -166,7 +184,7 @@ class Grid:
         name = f"{arm} seed {seed} step {step}"
         log.info("evaluating %s", name)
         try:
-            metrics = evaluate_point(self.spec, adapter, point_dir, self.data_dir / "expert-heldout_trees.jsonl.gz")
+            metrics = evaluate(self.spec, adapter, point_dir, self.data_dir / "expert-heldout_trees.jsonl.gz")
         except Exception as err:  # one failing evaluation must not stop the grid; it is retried next time
             log.exception("evaluation of %s failed", name)
             self.summary.failures.append(f"evaluate {name}: {type(err).__name__}: {err}")

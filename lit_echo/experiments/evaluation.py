@@ -12,6 +12,7 @@ Per point:
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import shutil
@@ -27,6 +28,7 @@ from lit_echo.experiments.intervals import task_bootstrap_interval
 from lit_echo.online.generator import SamplingSettings
 from lit_echo.online.writer import RolloutWriter
 
+METRICS_FILE = "metrics.json"  # what ``main`` leaves in the point's directory
 METRIC_COLUMNS = [
     *(f"{split}_{name}" for split in EVAL_SPLITS
       for name in ("success", "success_low", "success_high", "episodes", "tasks", "valid_action_rate",
@@ -108,3 +110,22 @@ def evaluate_point(spec: GridSpec, adapter: Path, point_dir: Path, expert_buffer
         row.update(_world(policy, tokenizer, point_dir, "own", spec.max_length))
     row["eval_seconds"] = round(time.perf_counter() - started, 1)
     return row
+
+
+def main(argv: list[str] | None = None) -> None:
+    """One point in this process (the grid runs each in a fresh one): the metrics go to POINT_DIR/metrics.json."""
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("spec", help="the grid's GridSpec as JSON")
+    parser.add_argument("adapter")
+    parser.add_argument("point_dir")
+    parser.add_argument("expert_buffer")
+    args = parser.parse_args(argv)
+    fields = json.loads(args.spec)
+    spec = GridSpec(**{**fields, "seeds": tuple(fields["seeds"])})
+    point_dir = Path(args.point_dir)
+    metrics = evaluate_point(spec, Path(args.adapter), point_dir, Path(args.expert_buffer))
+    (point_dir / METRICS_FILE).write_text(json.dumps(metrics) + "\n")
+
+
+if __name__ == "__main__":
+    main()
