@@ -73,6 +73,17 @@ def _die_with_parent() -> None:
         pass
 
 
+def _run_logged(module_args: list[str], log_path: Path, what: str) -> None:
+    """``python -m MODULE ARGS`` in a fresh process, its output to ``log_path``; :class:`StageFailed` (naming
+    ``what``, with the log's tail) when it exits non-zero."""
+    with open(log_path, "w") as out:
+        process = subprocess.run([sys.executable, "-m", *module_args], check=False, stdout=out,
+                                 stderr=subprocess.STDOUT, preexec_fn=_die_with_parent)
+    if process.returncode != 0:
+        tail = log_path.read_text(errors="replace")[-2000:]
+        raise StageFailed(f"{what} exited with status {process.returncode} (log: {log_path})\n{tail}")
+
+
 def fit(config: dict, root: Path) -> float:
     """``lit-echo fit`` over ``config`` in a fresh process (its own memory, a crash stays there); seconds taken.
 
@@ -84,15 +95,8 @@ def fit(config: dict, root: Path) -> float:
     config_path = root / "config.yaml"
     config_path.write_text(yaml.safe_dump(config, sort_keys=False))
     started = time.perf_counter()
-    with open(root / "fit.log", "w") as out:
-        process = subprocess.run([sys.executable, "-m", "lit_echo.cli", "fit", "--config", str(config_path)],
-                                 check=False, stdout=out, stderr=subprocess.STDOUT,
-                                 preexec_fn=_die_with_parent)
+    _run_logged(["lit_echo.cli", "fit", "--config", str(config_path)], root / "fit.log", f"{root}: lit-echo fit")
     seconds = round(time.perf_counter() - started, 1)
-    if process.returncode != 0:
-        tail = (root / "fit.log").read_text(errors="replace")[-2000:]
-        raise StageFailed(f"{root}: lit-echo fit exited with status {process.returncode} (log: {root / 'fit.log'})"
-                          f"\n{tail}")
     (root / DONE).write_text(json.dumps({"seconds": seconds}) + "\n")
     return seconds
 
@@ -118,13 +122,8 @@ def evaluate(spec: GridSpec, adapter: Path, point_dir: Path, expert_buffer: Path
     that exhausted a 24 GB machine). Its output goes to ``point_dir`` + ``.log``."""
     log_path = point_dir.with_name(point_dir.name + ".log")
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(log_path, "w") as out:
-        process = subprocess.run([sys.executable, "-m", "lit_echo.experiments.evaluation", json.dumps(spec.to_json()),
-                                  str(adapter), str(point_dir), str(expert_buffer)],
-                                 check=False, stdout=out, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent)
-    if process.returncode != 0:
-        tail = log_path.read_text(errors="replace")[-2000:]
-        raise StageFailed(f"{point_dir}: evaluation exited with status {process.returncode} (log: {log_path})\n{tail}")
+    _run_logged(["lit_echo.experiments.evaluation", json.dumps(spec.to_json()), str(adapter), str(point_dir),
+                 str(expert_buffer)], log_path, f"{point_dir}: evaluation")
     return json.loads((point_dir / METRICS_FILE).read_text())
 
 
