@@ -250,8 +250,13 @@ class Grid:
         seeds_of = {arm.name: sorted({int(r["seed"]) for r in self.results.rows
                                       if r["arm"] == arm.name and int(r["step"]) == last}) for arm in self.arms}
 
+        read: dict[tuple[str, int, str], dict[int, float]] = {}  # each evaluation file read once per report
+
         def rates(arm: str, seeds: list[int], split: str) -> list[dict[int, float]]:
-            return [self._task_rates(arm, seed, last if arm != WARM_START else 0, split) for seed in seeds]
+            for seed in seeds:
+                if (arm, seed, split) not in read:
+                    read[arm, seed, split] = self._task_rates(arm, seed, last if arm != WARM_START else 0, split)
+            return [read[arm, seed, split] for seed in seeds]
 
         def change(after: list[dict[int, float]], before: list[dict[int, float]]) -> str:
             tasks = sorted(set.intersection(*(set(r) for r in after + before)))
