@@ -36,7 +36,8 @@ Arithmetic of the whole grid: warm start 6 min; 15 runs x 16 steps x ~40 s = 2.7
 points x ~8.5 min = 4.4 h of evaluation: about 7 hours of one core, about 3.5 hours with two grid processes side
 by side (disjoint ``--arms``, one shared ``--out``), over the 2-hour target. Evaluating only the last step
 (``eval_every=16``) saves ~2 h of one core; so would scoring the own-episode world NLL on a subsample (half of
-each point's time). The grid is resumable, so it is meant to be spread over sittings.
+each point's time). The grid is resumable, so it is meant to be spread over sittings. Measured for the full
+grid: 219 min of training and 234 min of evaluation (7.5 core-hours, ~3.8 h on two cores, two sittings).
 
 PaW arm: ``world_coef`` 1, because PaW's per-group weight ``1 - mean_return/max_reward`` is the whole coefficient
 of its world term. A first seed-0 run at ``world_coef`` 0.05 (ECHO's value, shrinking PaW's term 20x) left the
