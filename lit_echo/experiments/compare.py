@@ -233,8 +233,8 @@ class Grid:
                 f"{spec.eval_tasks} tasks x {spec.eval_samples} episodes at temperature {spec.temperature}.\n\n"
                 + markdown_table(self.results.rows, self.arms)
                 + self._paired_text()
-                + f"\nCompute time so far: training {train_seconds / 60:.1f} min, evaluation "
-                  f"{eval_seconds / 60:.1f} min.\n")
+                + "\nCompute time of the runs and points in this directory (one core each): "
+                  f"training {train_seconds / 60:.1f} min, evaluation {eval_seconds / 60:.1f} min.\n")
 
     def _task_rates(self, arm: str, seed: int, step: int, split: str) -> dict[int, float]:
         """Per-task success of one evaluation point, from the episodes kept under ``evals/``."""
