@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import functools
 import json
 import logging
 import shutil
@@ -250,13 +251,12 @@ class Grid:
         seeds_of = {arm.name: sorted({int(r["seed"]) for r in self.results.rows
                                       if r["arm"] == arm.name and int(r["step"]) == last}) for arm in self.arms}
 
-        read: dict[tuple[str, int, str], dict[int, float]] = {}  # each evaluation file read once per report
+        @functools.cache  # each evaluation file read once per report
+        def point_rates(arm: str, seed: int, split: str) -> dict[int, float]:
+            return self._task_rates(arm, seed, last if arm != WARM_START else 0, split)
 
         def rates(arm: str, seeds: list[int], split: str) -> list[dict[int, float]]:
-            for seed in seeds:
-                if (arm, seed, split) not in read:
-                    read[arm, seed, split] = self._task_rates(arm, seed, last if arm != WARM_START else 0, split)
-            return [read[arm, seed, split] for seed in seeds]
+            return [point_rates(arm, seed, split) for seed in seeds]
 
         def change(after: list[dict[int, float]], before: list[dict[int, float]]) -> str:
             tasks = sorted(set.intersection(*(set(r) for r in after + before)))
