@@ -135,11 +135,6 @@ class LossConfig:
             raise ValueError(f"clip_low: expected a number in [0, 1), got {self.clip_low}")
         if not 0 < self.cmae_threshold <= 1:
             raise ValueError(f"cmae_threshold: expected a probability in (0, 1], got {self.cmae_threshold}")
-        if self.paw.select_fraction is not None and self.world_norm == "token_mean":
-            # token_mean divides by the step's count of *selected* tokens, which needs every micro-batch's
-            # entropies before the first backward; PaW itself normalizes per observation (full_observation).
-            raise ValueError("paw_select_fraction needs world_norm 'full_observation' (PaW's) or 'selected', "
-                             "not 'token_mean'")
 
 
 _CONFIG_FIELDS = frozenset(f.name for f in fields(LossConfig))

@@ -30,7 +30,15 @@ from torch.nn.modules.module import _IncompatibleKeys
 
 from lit_echo import models
 from lit_echo.logprobs import default_chunk_size, target_logprobs
-from lit_echo.losses import LossConfig, PawConfig, compute_normalizers, echo_loss, metrics_to_sums, sums_to_metrics
+from lit_echo.losses import (
+    LossConfig,
+    PawConfig,
+    compute_normalizers,
+    echo_loss,
+    metrics_to_sums,
+    sums_to_metrics,
+    world_target_mask,
+)
 from lit_echo.metrics import world_model_sums
 from lit_echo.paw import (
     group_world_weights,
@@ -175,7 +183,8 @@ class EchoModule(L.LightningModule):
         kl_coef: weight of the k3 KL penalty to the same model with its adapters disabled (0: off).
         temperature: sampling temperature of the rollouts; ACTION log-probs are computed at it, observations at 1.
         paw_select_fraction: PaW data selection: keep the world loss on this top fraction of transitions by mean
-            action entropy, per micro-batch (None: off; PaW uses 0.75).
+            action entropy, ranked over the whole optimizer step (None: off; PaW uses 0.75). Costs one
+            no-grad forward of the step (:meth:`world_selection`).
         paw_reward_adaptive: PaW per-group world weight 1 - mean_return_g / max_reward.
         max_reward: the reward of a solved task, for paw_reward_adaptive.
         lr: peak learning rate of the LoRA parameters.
@@ -309,7 +318,7 @@ class EchoModule(L.LightningModule):
         started = time.perf_counter()
         opt = self.optimizers()
         lr = opt.param_groups[0]["lr"]  # the rate this step's update uses
-        world_coef = self.world_coef_at(self.global_step)  # the coefficient forward_backward uses
+        world_coef = self.world_coef_at(self.global_step)  # this step's scheduled coefficient, used and logged
         world_size = self.trainer.world_size
 
         def backward(loss: torch.Tensor, last: bool) -> None:
@@ -317,7 +326,7 @@ class EchoModule(L.LightningModule):
             with self._no_sync(last=last):
                 self.manual_backward(loss * world_size)
 
-        local_loss, sums = self.forward_backward(batch, backward)
+        local_loss, sums = self.forward_backward(batch, backward, world_coef=world_coef)
         step_loss = self.trainer.strategy.reduce(local_loss, reduce_op="sum")
         if not torch.isfinite(step_loss):
             self._skip_nonfinite(opt, step_loss)
@@ -334,19 +343,26 @@ class EchoModule(L.LightningModule):
         self._log_step(batch, sums, step_loss, lr, world_coef, started)
         return step_loss
 
-    def forward_backward(self, batch: dict[str, Any], backward: Callable[[torch.Tensor, bool], None]
-                         ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def forward_backward(self, batch: dict[str, Any], backward: Callable[[torch.Tensor, bool], None], *,
+                         world_coef: float | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Forward and backward of one optimizer step's batch, micro-batch by micro-batch.
 
         ``backward(loss, last)`` is called once per micro-batch (``last`` on the final one); the gradients it
-        accumulates are those of the step objective. Returns this rank's step loss (detached) and the step's
-        metrics in additive form (:func:`lit_echo.losses.metrics_to_sums` plus the module's own sums), as tensors.
+        accumulates are those of the step objective. ``world_coef``: this step's coefficient (None: the schedule
+        at ``global_step``). Returns this rank's step loss (detached) and the step's metrics in additive form
+        (:func:`lit_echo.losses.metrics_to_sums` plus the module's own sums), as tensors.
         """
-        cfg = replace(self.loss_config, world_coef=self.world_coef_at(self.global_step))
+        if world_coef is None:
+            world_coef = self.world_coef_at(self.global_step)
+        cfg = replace(self.loss_config, world_coef=world_coef)
         world_weights = self._world_weights(batch)  # [B] or None
         micro_batches = length_sorted_micro_batches(batch, self.hparams.micro_batch_size)
+        selection = self.world_selection(batch, micro_batches) if cfg.world_coef > 0 else None  # [B, T-1]
+        selects = None if selection is None else [
+            selection[mb.rows, :mb.target_roles.shape[1]] for mb in micro_batches]  # [b, w-1] each
         # Normalizers over the whole step and every rank, before the first backward (losses.py contract).
-        normalizers = compute_normalizers([mb.target_roles for mb in micro_batches], world_target=cfg.world_target)
+        normalizers = compute_normalizers([mb.target_roles for mb in micro_batches], world_target=cfg.world_target,
+                                          world_select=selects)
         normalizers = normalizers.all_reduce()
         self._warn_if_nothing_to_train(normalizers, batch)
         total = torch.zeros((), device=self.device)
@@ -355,14 +371,9 @@ class EchoModule(L.LightningModule):
             logp, entropy = self.token_logprobs(mb.input_ids, mb.attention_mask, mb.target_roles,
                                                 return_entropy=True)  # [b, w-1] each
             ref = self._reference_logprobs(mb.input_ids, mb.attention_mask, mb.target_roles)
-            select = None
-            if cfg.paw.select_fraction is not None:
-                select = select_transitions_by_entropy(entropy, mb.target_roles,
-                                                       transition_ids_from_roles(mb.target_roles),
-                                                       fraction=cfg.paw.select_fraction)  # [b, w-1]
             out = echo_loss(logp, mb.target_roles, mb.advantages, mb.old_logprobs, config=cfg, ref_logprobs=ref,
                             world_weights=None if world_weights is None else world_weights[mb.rows],
-                            world_select=select, normalizers=normalizers)
+                            world_select=None if selects is None else selects[k], normalizers=normalizers)
             loss = out.loss
             if not loss.requires_grad:  # no target in this micro-batch: a zero gradient keeps DDP's hooks in step
                 loss = loss + sum(p.sum() for _, p in models.trainable_parameters(self.model)) * 0.0
@@ -379,7 +390,36 @@ class EchoModule(L.LightningModule):
         sums["skipped"] = torch.tensor(float(batch["num_skipped"]), device=self.device)
         if world_weights is not None:
             sums["paw_weight"] = world_weights.float().sum()
+        if selection is not None:
+            targets = world_target_mask(batch["roles"][:, 1:], cfg.world_target)  # [B, T-1]
+            sums["paw_target_tokens"] = targets.sum().float()
+            sums["paw_selected_tokens"] = (selection & targets).sum().float()
         return total, sums
+
+    def world_selection(self, batch: dict[str, Any], micro_batches: list[MicroBatch] | None = None
+                        ) -> torch.Tensor | None:
+        """PaW's data selection over the whole optimizer step: [B, T-1] bool world mask, or None when off.
+
+        The transitions of every row of the step (this rank's) are ranked together by the mean entropy of their
+        ACTION tokens under the current policy, so the choice does not depend on ``micro_batch_size``. The
+        entropies come from one no-grad pass over the step's micro-batches before the first backward (the LM head
+        on ACTION positions only); the loss normalizers need the selection before any gradient is taken. Under
+        DDP each rank ranks its own rows.
+        """
+        fraction = self.loss_config.paw.select_fraction
+        if fraction is None:
+            return None
+        if micro_batches is None:
+            micro_batches = length_sorted_micro_batches(batch, self.hparams.micro_batch_size)
+        roles = batch["roles"][:, 1:]  # [B, T-1]
+        entropy = torch.zeros(roles.shape, device=roles.device)  # [B, T-1]
+        with torch.no_grad():
+            for mb in micro_batches:
+                _, mb_entropy = self.token_logprobs(mb.input_ids, mb.attention_mask, mb.target_roles,
+                                                    return_entropy=True, include_world=False)  # [b, w-1]
+                entropy[mb.rows, :mb_entropy.shape[1]] = mb_entropy.float()
+        return select_transitions_by_entropy(entropy, roles, transition_ids_from_roles(roles),
+                                             fraction=fraction)  # [B, T-1]
 
     def _warn_if_nothing_to_train(self, normalizers, batch) -> None:
         if normalizers.action_tokens > 0 or normalizers.world_tokens > 0 or self._warned_no_targets:
@@ -452,10 +492,14 @@ class EchoModule(L.LightningModule):
             stats["world/nll_observation"] = m["world_nll_observation"]
         if m["tokens_warning"] > 0:
             stats["world/nll_warning"] = m["world_nll_warning"]
-        if m["policy_scale"] > 0 and self.loss_config.world_coef > 0:  # undefined when every advantage is 0
+        # Undefined when every advantage is 0; logged (0 while the scheduled coefficient is 0) in every run with a
+        # world term, whatever the schedule's starting value.
+        if m["policy_scale"] > 0 and self.world_coef_at.ever_positive:
             stats["world/policy_ratio"] = m["world_policy_ratio"]
         if "paw_weight" in m:
             stats["world/paw_weight_mean"] = m["paw_weight"] / m["rows"]
+        if m.get("paw_target_tokens", 0) > 0:
+            stats["world/paw_selected_frac"] = m["paw_selected_tokens"] / m["paw_target_tokens"]
         rows = int(batch["input_ids"].shape[0])
         self.log_dict(stats, on_step=True, on_epoch=False, sync_dist=False, batch_size=rows)
         progress = {"reward": m["reward"] / m["rows"]}

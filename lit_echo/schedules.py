@@ -66,6 +66,11 @@ class WorldCoefSchedule:
             raise ValueError(f"WorldCoefSchedule: decay_steps and step_size must be >= 1, got {self.decay_steps} "
                              f"and {self.step_size}")
 
+    @property
+    def ever_positive(self) -> bool:
+        """Whether the coefficient is above 0 at some step (a world term exists in this run)."""
+        return self.world_coef > 0 or (self.kind != "constant" and self.final_coef > 0)
+
     def __call__(self, step: int) -> float:
         if self.kind == "constant":
             return constant_coef(step, world_coef=self.world_coef)

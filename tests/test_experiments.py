@@ -190,7 +190,7 @@ def test_quick_grid_runs_every_arm_and_a_second_run_skips_everything(tmp_path, m
     monkeypatch.chdir(REPO)
     out = tmp_path / "grid"
     summary = main(["--quick", "--out", str(out)])
-    names = [a.name for a in arms(QUICK.online_steps)]
+    names = [a.name for a in arms(QUICK.online_steps) if not a.retired]
     assert summary.failures == []
     assert summary.trained == [WARM_START] + [f"{name}-s{seed}" for seed in QUICK.seeds for name in names]
 

@@ -20,6 +20,7 @@ from lit_echo.metrics import world_model_sums
 from lit_echo.module import WIDTH_MULTIPLE
 from lit_echo.paw import reward_adaptive_world_weights, select_transitions_by_entropy, transition_ids_from_roles
 from lit_echo.roles import Role
+from lit_echo.schedules import WorldCoefSchedule
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN = str(REPO / "data/sample/train.jsonl")
@@ -147,12 +148,10 @@ def test_ddp_two_processes_match_one_process_gradients(tiny_checkpoint, tmp_path
         assert two[name] == pytest.approx(one[name], rel=1e-4, abs=1e-7), name
 
 
-def test_paw_options_train_and_bad_combination_is_rejected(tiny_checkpoint, tmp_path):
+def test_paw_options_train(tiny_checkpoint, tmp_path):
     _, module, losses = _fit(tiny_checkpoint, tmp_path, 2, paw_select_fraction=0.75, paw_reward_adaptive=True,
                              world_coef=1.0, kl_coef=0.1)
     assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses)))
-    with pytest.raises(ValueError, match="paw_select_fraction needs world_norm"):
-        EchoModule(str(tiny_checkpoint), paw_select_fraction=0.75, world_norm="token_mean")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -286,6 +285,41 @@ def test_paw_selects_and_weights_the_right_tokens(tiny_checkpoint):
     assert differs == [True, True]
 
 
+@pytest.mark.parametrize("world_norm", ["full_observation", "token_mean"])
+def test_paw_selection_ranks_the_whole_step_whatever_the_micro_batch_size(tiny_checkpoint, world_norm):
+    """PaW ranks transitions over the whole optimizer step, not inside each micro-batch: micro-batches of 1, 4 and
+    the whole step select the same transitions and give the same gradients, equal to one pass over the step with
+    the selection computed on the whole batch (token_mean then divides by the step's selected count)."""
+    batch = _step_batch(tiny_checkpoint)
+
+    def select(entropy, roles):
+        return select_transitions_by_entropy(entropy, roles, transition_ids_from_roles(roles), fraction=0.6)
+
+    options = dict(world_coef=1.0, paw_select_fraction=0.6, paw_reward_adaptive=True, world_norm=world_norm)
+    reference = _module(tiny_checkpoint, **options)
+    _, want_select = _todays_step(reference, batch, select_world=select, world_weights=1.0 - batch["group_reward_mean"])
+    want = _grads(reference)
+    roles = batch["roles"][:, 1:]
+    observation = roles == Role.OBSERVATION
+    assert want_select[observation].any() and not want_select[observation].all()
+    # Ranking inside micro-batches of one row (the old behaviour) keeps another set of transitions.
+    with torch.no_grad():
+        _, entropy = reference.token_logprobs(batch["input_ids"], batch["attention_mask"], roles,
+                                              return_entropy=True, include_world=False)  # [B, T-1]
+    per_row = torch.cat([select(entropy[i:i + 1], roles[i:i + 1]) for i in range(roles.shape[0])])
+    assert torch.equal(select(entropy, roles), want_select) and not torch.equal(per_row, want_select)
+    for micro_batch_size in (None, 1, 4):
+        module = _module(tiny_checkpoint, micro_batch_size=micro_batch_size, **options)
+        selection = module.world_selection(batch)
+        assert torch.equal(selection, want_select), micro_batch_size
+        loss, sums = module.forward_backward(batch, lambda loss, last: loss.backward())
+        got = _grads(module)
+        assert got.keys() == want.keys()
+        for name in want:
+            torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-7, msg=f"{micro_batch_size} {name}")
+        assert float(sums["paw_selected_tokens"]) == float((want_select & observation).sum())
+
+
 def test_validation_runs_in_micro_batches(tiny_checkpoint):
     batch = _step_batch(tiny_checkpoint)
     module = _module(tiny_checkpoint, micro_batch_size=3)
@@ -327,6 +361,42 @@ def test_logged_names_follow_the_shared_scheme(tiny_checkpoint, tmp_path):
     assert [m["optim/lr"] for m in recorder.logged] == pytest.approx([5e-3 / 2, 5e-3])  # warmup, each step
     assert set(recorder.progress[0]) == {"reward", "world_nll", "action_nll"}
     assert recorder.progress[0]["world_nll"] == pytest.approx(float(first["world/nll_observation"]))
+
+
+def test_logged_world_metrics_follow_the_scheduled_coefficient(tiny_checkpoint, tmp_path):
+    """The schedule is read once per step, and what is logged is what the loss used: a world term that a linear
+    schedule ramps up from 0 logs its ratio to the policy term at every step (0 at first), where the unscheduled
+    world_coef (0) had hidden it for the whole run."""
+    import csv
+
+    from lightning.pytorch.loggers import CSVLogger
+
+    calls = []
+    original = WorldCoefSchedule.__call__
+
+    def counted(self, step):
+        calls.append(step)
+        return original(self, step)
+
+    L.seed_everything(0)
+    module = EchoModule(str(tiny_checkpoint), lr=5e-3, lora_rank=8, world_coef=0.0, world_schedule="linear",
+                        world_final_coef=0.3, world_decay_steps=2)
+    data = RolloutDataModule(TRAIN, tokenizer=str(tiny_checkpoint), batch_size=4, max_length=256, shuffle_buffer=16)
+    logger = CSVLogger(tmp_path, name="csv", version=0)
+    trainer = L.Trainer(accelerator="cpu", max_steps=3, logger=logger, log_every_n_steps=1,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        default_root_dir=tmp_path)
+    WorldCoefSchedule.__call__ = counted
+    try:
+        trainer.fit(module, data)
+    finally:
+        WorldCoefSchedule.__call__ = original
+    assert calls == [0, 1, 2]
+    with open(tmp_path / "csv" / "version_0" / "metrics.csv") as f:
+        rows = [row for row in csv.DictReader(f) if row.get("world/coef")]
+    assert [float(row["world/coef"]) for row in rows] == pytest.approx([0.0, 0.15, 0.3])
+    ratios = [float(row["world/policy_ratio"]) for row in rows]
+    assert ratios[0] == 0.0 and ratios[1] > 0 and ratios[2] > 0
 
 
 def test_step_without_targets_logs_counts_not_nll_and_warns_once(tiny_checkpoint, tmp_path, caplog):

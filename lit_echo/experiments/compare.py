@@ -297,7 +297,10 @@ class Grid:
 
     def run(self, arm_names: list[str] | None = None, seeds: list[int] | None = None,
             publish: Path | None = None) -> Summary:
-        selected = [a for a in self.arms if arm_names is None or a.name in arm_names]
+        retired = [a for a in self.arms if a.retired and arm_names is not None and a.name in arm_names]
+        if retired:
+            raise ValueError(f"arm {retired[0].name} is retired: it {retired[0].retired}")
+        selected = [a for a in self.arms if (arm_names is None or a.name in arm_names) and not a.retired]
         if self.warm_start():
             for seed in (self.spec.seeds if seeds is None else seeds):
                 for arm in selected:
@@ -321,7 +324,8 @@ def main(argv: list[str] | None = None) -> Summary:
     parser.add_argument("--out", default=None,
                         help="grid directory (default: runs/compare; --quick: a new temporary directory)")
     parser.add_argument("--data-dir", default="data/shellworld", help="ShellWorld expert buffers")
-    parser.add_argument("--arms", default=None, help="comma-separated arms to run now (default: all five)")
+    parser.add_argument("--arms", default=None,
+                        help="comma-separated arms to run now (default: all that are not retired)")
     parser.add_argument("--seeds", default=None, help="comma-separated training seeds to run now (default: all)")
     parser.add_argument("--publish", default=None,
                         help="also copy results.csv, results.png, results.md to this directory (e.g. results)")

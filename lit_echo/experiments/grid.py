@@ -39,7 +39,10 @@ by side (disjoint ``--arms``, one shared ``--out``), over the 2-hour target. Eva
 each point's time). The grid is resumable, so it is meant to be spread over sittings. Measured for the full
 grid: 219 min of training and 234 min of evaluation (7.5 core-hours, ~3.8 h on two cores, two sittings).
 
-PaW arm: ``world_coef`` 1, because PaW's per-group weight ``1 - mean_return/max_reward`` is the whole coefficient
+PaW arms: ``paw`` ran with the entropy selection ranked inside each 4-row micro-batch (a bug: PaW ranks over the
+whole update); it is retired, its rows kept. ``paw_step`` is the same recipe with the selection over the whole
+step, under new run names, so a grid directory holding the old runs cannot hand them back. Both use
+``world_coef`` 1, because PaW's per-group weight ``1 - mean_return/max_reward`` is the whole coefficient
 of its world term. A first seed-0 run at ``world_coef`` 0.05 (ECHO's value, shrinking PaW's term 20x) left the
 held-out expert NLL where the warm start had it (2.227 -> 2.237); it was discarded and retrained.
 """
@@ -65,19 +68,26 @@ class Arm:
     name: str
     label: str
     model: dict[str, Any]
+    # Why this version no longer trains the arm (its rows stay in the report), or None.
+    retired: str | None = None
+
+
+# PaW's per-group weight 1 - mean_return/max_reward is its whole coefficient: world_coef 1.
+PAW = {"world_coef": 1.0, "world_loss": "cmae", "paw_select_fraction": 0.75, "paw_reward_adaptive": True}
 
 
 def arms(online_steps: int) -> tuple[Arm, ...]:
-    """The five arms; ``online_steps`` sets the length of the decaying-coefficient arm's schedule."""
+    """The arms (five trained, one retired); ``online_steps`` sets the length of the decaying-coefficient arm's
+    schedule."""
     return (
         Arm("mask", "action masking (world_coef 0)", {"world_coef": 0.0}),
         Arm("echo", "ECHO (world_coef 0.05)", {"world_coef": 0.05}),
         Arm("echo_decay", "ECHO, world_coef 0.05 decayed linearly to 0",
             {"world_coef": 0.05, "world_schedule": "linear", "world_final_coef": 0.0,
              "world_decay_steps": online_steps}),
-        Arm("paw", "PaW (clipped MAE, entropy selection 0.75, reward-adaptive weight)",
-            # PaW's per-group weight 1 - mean_return/max_reward is its whole coefficient: world_coef 1.
-            {"world_coef": 1.0, "world_loss": "cmae", "paw_select_fraction": 0.75, "paw_reward_adaptive": True}),
+        Arm("paw", "PaW, selection ranked inside each 4-row micro-batch (the bug; not PaW's)", PAW,
+            retired="ran before the entropy selection was ranked over the whole step; its results stay as they were"),
+        Arm("paw_step", "PaW (clipped MAE, entropy selection 0.75 over the step, reward-adaptive weight)", PAW),
         Arm("world_only", "world model only (policy_coef 0, verifier-free)", {"world_coef": 0.05, "policy_coef": 0.0}),
     )
 
