@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from lit_echo._checks import check_choice
+from lit_echo.logprobs import target_logprobs
 from lit_echo.pretrained import load_tokenizer as load_tokenizer  # re-exported: build_model's companion
 from lit_echo.pretrained import resolve_checkpoint
 
@@ -301,6 +302,44 @@ def hidden_states(model: nn.Module, input_ids: torch.Tensor, attention_mask: tor
     """
     out = decoder(model)(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
     return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+
+
+def causal_lm_logprobs(model: nn.Module, batch: dict, *, temperature: float = 1.0, chunk_size: int | None = None):
+    """Per-token log-probs and target roles ``[B, T-1]`` of a Hugging Face causal LM on a collated batch.
+
+    Does the two things a plain ``model(...)`` call leaves to you: the shift (position t scores token t + 1, and
+    the roles are those of the *targets*) and the temperature (ACTION tokens at the sampling temperature,
+    everything else at T = 1). Works on a ``transformers`` ``*ForCausalLM`` with or without peft adapters.
+
+    Args:
+        model: a causal LM (``model.model`` / ``get_decoder()`` body and a linear ``lm_head``), peft-wrapped or not.
+        batch: ``input_ids`` [B, T], ``attention_mask`` [B, T] (right padding) and ``roles`` [B, T], e.g. from
+            :class:`lit_echo.data.collate.RolloutCollator`.
+        temperature: the temperature the ACTION tokens were sampled at.
+        chunk_size: positions per LM-head chunk (None: about 64 MiB of float32 logits).
+    Returns:
+        (logprobs [B, T-1] float32, target_roles [B, T-1]): gradient flows through ``logprobs``; positions whose
+        target is not ACTION, OBSERVATION or WARNING hold 0.
+
+    Example (the ECHO loss on a plain Hugging Face model)::
+
+        from lit_echo.advantages import grpo_advantages
+        from lit_echo.data.collate import RolloutCollator
+        from lit_echo.models import causal_lm_logprobs
+        from lit_echo.losses import echo_loss
+
+        batch = RolloutCollator(pad_token_id=tokenizer.pad_token_id)(rollouts)      # token-in/token-out Rollouts
+        advantages = torch.tensor(grpo_advantages(batch["rewards"].tolist(), batch["group_ids"]))  # [B]
+        logprobs, roles = causal_lm_logprobs(model, batch, temperature=0.8)           # [B, T-1] each
+        out = echo_loss(logprobs, roles, advantages, batch["old_logprobs"][:, 1:], world_coef=0.05)
+        out.loss.backward()
+    """
+    input_ids = batch["input_ids"]  # [B, T]
+    target_roles = batch["roles"][:, 1:]  # [B, T-1] the role of the token each position predicts
+    hidden = hidden_states(model, input_ids, batch["attention_mask"])[:, :-1]  # [B, T-1, H]
+    logprobs = target_logprobs(hidden, output_head(model), input_ids[:, 1:], target_roles, temperature=temperature,
+                               chunk_size=chunk_size)
+    return logprobs, target_roles
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -32,6 +32,30 @@ def test_the_maths_and_the_package_import_without_lightning_or_transformers(stat
     assert not loaded & {"lightning", "pytorch_lightning", "transformers", "peft", "bitsandbytes"}, loaded
 
 
+# The pure-torch maths layer: no model library and no module above it, not even inside a function.
+MATHS = ("losses", "logprobs", "advantages", "paw", "schedules", "roles", "metrics")
+ABOVE_THE_MATHS = ("lit_echo.models", "lit_echo.module", "lit_echo.pretrained", "lit_echo.cli", "lit_echo.online",
+                   "lit_echo.data", "transformers", "peft", "bitsandbytes", "lightning")
+
+
+def _imported_names(path: Path) -> set[str]:
+    """Every module an ``import``/``from ... import`` anywhere in the file names (function bodies included)."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names.add(node.module)
+    return names
+
+
+@pytest.mark.parametrize("name", MATHS)
+def test_the_maths_layer_imports_nothing_above_it_even_lazily(name):
+    names = _imported_names(Path(lit_echo.__file__).parent / f"{name}.py")
+    above = {n for n in names if any(n == a or n.startswith(a + ".") for a in ABOVE_THE_MATHS)}
+    assert not above, f"lit_echo/{name}.py imports {sorted(above)}"
+
+
 def test_the_check_sees_a_heavy_import():
     # The same probe must notice a heavy import when one happens, or the test above could not fail.
     assert {"lightning", "transformers"} <= _modules_loaded_by("import lit_echo.module")

@@ -168,7 +168,7 @@ def test_causal_lm_logprobs_of_a_plain_hf_model(tiny_checkpoint):
     from transformers import AutoModelForCausalLM
 
     from lit_echo.data.collate import RolloutCollator
-    from lit_echo.logprobs import causal_lm_logprobs
+    from lit_echo.models import causal_lm_logprobs
     from lit_echo.roles import Role
     from lit_echo.rollout import Rollout
 
