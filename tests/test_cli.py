@@ -14,8 +14,9 @@ import pytest
 import torch
 import yaml
 
+from lit_echo.cli import AutoPrecisionTrainer, EchoCLI, run
 from lit_echo.cli import main as cli_main
-from lit_echo.cli import run
+from lit_echo.data.datamodule import RolloutDataModule
 from lit_echo.module import EchoModule
 
 REPO = Path(__file__).resolve().parents[1]
@@ -33,6 +34,18 @@ def test_every_config_parses(config):
     assert out.returncode == 0, out.stderr[-3000:]
     printed = yaml.safe_load(out.stdout)
     assert printed["model"]["model_name_or_path"] and printed["data"]["class_path"]
+
+
+def test_sampling_path_is_set_from_the_command_line(tmp_path):
+    """data.kv_cache reaches the generator's SamplingSettings (it could not be set from the CLI or YAML)."""
+    settings = {}
+    for value in ("false", "true"):
+        cli = EchoCLI(EchoModule, RolloutDataModule, subclass_mode_data=True, run=False,
+                      auto_configure_optimizers=False, trainer_class=AutoPrecisionTrainer,
+                      args=["--config", str(REPO / "configs" / "tiny-online.yaml"), "--data.kv_cache", value,
+                            "--trainer.default_root_dir", str(tmp_path)])
+        settings[value] = cli.datamodule._settings(1.0).kv_cache
+    assert settings == {"false": False, "true": True}
 
 
 def test_tiny_recipe_trains_and_logs_documented_names(tmp_path):

@@ -255,6 +255,8 @@ class OnlineRolloutDataModule(RolloutDataModule):
             no limit).
         env_isolation: where environment steps run: "thread" (worker threads of this process) or
             "process" (worker processes with a killable time limit).
+        kv_cache: keep each rollout's KV cache across turns (True) or run one HF ``generate`` over the whole
+            conversation every turn (False: the slower reference path; same distribution).
         buffer_dir: every rollout is appended to ``buffer_dir/rollouts-rank{R}.jsonl`` (one file per global rank);
             a relative path is taken under ``trainer.default_root_dir``. None keeps nothing.
         offline_path: an offline buffer (file, directory or glob; relative to the working directory) mixed into
@@ -289,7 +291,7 @@ class OnlineRolloutDataModule(RolloutDataModule):
                  max_new_tokens: int = 256, max_turns: int = 8,
                  max_total_tokens: int = 4096, max_observation_chars: int = 4000,
                  env_step_timeout_s: float | None = 30.0, env_isolation: Literal["thread", "process"] = "thread",
-                 buffer_dir: str | None = "rollouts", offline_path: str | list[str] | None = None,
+                 kv_cache: bool = True, buffer_dir: str | None = "rollouts", offline_path: str | list[str] | None = None,
                  offline_ratio: float = 0.0, val_path: str | list[str] | None = None,
                  val_env_kwargs: dict | None = None, val_episodes: int = 16, val_seed: int = 0,
                  val_temperature: float | None = None, log_samples: int = 2, tokenizer: str | None = None,
@@ -427,7 +429,7 @@ class OnlineRolloutDataModule(RolloutDataModule):
         kwargs: dict[str, Any] = {"temperature": temperature, "top_p": h.top_p, "max_new_tokens": h.max_new_tokens,
                                   "max_turns": h.max_turns, "max_total_tokens": h.max_total_tokens,
                                   "max_observation_chars": h.max_observation_chars,
-                                  "env_step_timeout_s": h.env_step_timeout_s}
+                                  "env_step_timeout_s": h.env_step_timeout_s, "kv_cache": h.kv_cache}
         if "env_isolation" in SamplingSettings.__dataclass_fields__:
             kwargs["env_isolation"] = h.env_isolation
         return SamplingSettings(**kwargs)
