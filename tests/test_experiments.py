@@ -255,6 +255,17 @@ def test_the_command_refuses_another_grids_directory_and_missing_buffers_without
         main(["--out", str(tmp_path / "fresh"), "--data-dir", str(tmp_path)])
 
 
+def test_a_retired_arm_is_refused_before_anything_trains(tmp_path):
+    """The PaW arm that ranked its selection per micro-batch is kept for its rows only: asking to run it is an
+    error naming why, and nothing (not even the warm start) is trained."""
+    from lit_echo.experiments.compare import main
+
+    out = tmp_path / "grid"
+    with pytest.raises(SystemExit, match=r"error: arm paw is retired: it ran before the entropy selection"):
+        main(["--quick", "--out", str(out), "--arms", "paw", "--data-dir", str(REPO / "data" / "shellworld")])
+    assert not (out / "warm_start").exists()
+
+
 def test_report_only_writes_the_report_from_the_rows_so_far_and_trains_nothing(tmp_path):
     from lit_echo.experiments.compare import main
 
