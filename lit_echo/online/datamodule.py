@@ -42,9 +42,10 @@ import logging
 import math
 import os
 import random
+import threading
 import uuid
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -57,6 +58,7 @@ from lit_echo.data.buffer import BufferItem, expand_paths
 from lit_echo.data.datamodule import RolloutDataModule
 from lit_echo.envs.base import Environment, EnvSpec, import_env_class, import_object  # noqa: F401  (import_env_class re-exported)
 from lit_echo.online.agent import run_agent
+from lit_echo.online.env_runner import ProcessEnv, WorkerError, close_quietly
 from lit_echo.online.generator import GenerationStats, GroupGenerator, SamplingSettings
 from lit_echo.online.reporting import log_generation
 from lit_echo.online.writer import RolloutWriter
@@ -115,24 +117,100 @@ def _env_specs(env_class: str | None, env_kwargs: dict | None, envs: list[dict] 
     return specs
 
 
-def _check_env(spec: EnvEntry, seed: int, what: str) -> None:
-    """Construct the environment and call ``reset(seed)`` once, so configuration errors surface at setup."""
+class _CheckFailed(Exception):
+    """The start-up check failed in ``phase`` ("build" or "reset"): ``detail`` is ``"Type: message"`` of the
+    error, or None when the call did not return within the time limit."""
+
+    def __init__(self, phase: str, detail: str | None):
+        super().__init__(phase, detail)
+        self.phase, self.detail = phase, detail
+
+
+def _check_in_process(spec: EnvSpec, seed: int, timeout_s: float | None) -> Any:
+    """Build and reset one instance in a worker process (as the run will), each within ``timeout_s``; the worker
+    is closed (killed on a timeout or an error) before this returns or raises."""
     try:
-        env = spec()
-    except Exception as err:
-        raise ValueError(f"{what}: {spec.class_path}(**{spec.kwargs!r}) failed: {type(err).__name__}: {err}") from err
+        env = ProcessEnv(spec, timeout_s)
+    except TimeoutError as err:
+        raise _CheckFailed("build", None) from err
+    except WorkerError as err:
+        raise _CheckFailed("build", err.detail) from err
     try:
-        opening = env.reset(seed)
-    except Exception as err:
-        raise ValueError(f"{what}: {spec.class_path}(**{spec.kwargs!r}).reset({seed}) failed: "
-                         f"{type(err).__name__}: {err}") from err
+        return env.reset(seed)
+    except TimeoutError as err:
+        raise _CheckFailed("reset", None) from err
+    except WorkerError as err:
+        raise _CheckFailed("reset", err.detail) from err
     finally:
-        close = getattr(env, "close", None)
-        if callable(close):
-            close()
+        env.close()
+
+
+def _check_in_thread(spec: EnvSpec, seed: int, timeout_s: float | None) -> Any:
+    """Build and reset one instance in a daemon thread of this process (as the run will), each within
+    ``timeout_s``. The thread closes the instance after its ``reset`` returns; when that is past the limit the
+    thread is left running and closes it if it ever returns (an instance is never closed under a running call)."""
+    built, reset = threading.Event(), threading.Event()
+    box: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            env = spec()
+        except Exception as err:
+            box["failed"] = ("build", err)
+            built.set()
+            return
+        built.set()
+        try:
+            box["opening"] = env.reset(seed)
+        except Exception as err:
+            box["failed"] = ("reset", err)
+        finally:
+            reset.set()
+            close_quietly([env])
+
+    thread = threading.Thread(target=run, daemon=True, name="env-check")
+    thread.start()
+    if not built.wait(timeout_s):
+        raise _CheckFailed("build", None)
+    if "failed" not in box and not reset.wait(timeout_s):
+        raise _CheckFailed("reset", None)
+    thread.join()  # its close: close_quietly waits a few seconds at most
+    if "failed" in box:
+        phase, err = box["failed"]
+        raise _CheckFailed(phase, f"{type(err).__name__}: {err}") from err
+    return box["opening"]
+
+
+def _check_env(spec: EnvEntry, seed: int, what: str, isolation: str = "thread",
+               timeout_s: float | None = None) -> None:
+    """Construct the environment and call ``reset(seed)`` once, so configuration errors surface at setup.
+
+    It runs where the run's instances will (``isolation``: a worker process for "process", a thread of this
+    process for "thread"), with construction and ``reset`` each limited to ``timeout_s``
+    (``data.env_step_timeout_s``; None: no limit), and the instance is closed afterwards (its worker killed).
+    A call over the limit is a ``TimeoutError`` naming the option and the limit, not a hung CLI."""
+    call = f"{spec.class_path}(**{spec.kwargs!r})"
+    check = _check_in_process if isolation == "process" else _check_in_thread
+    try:
+        opening = check(spec, seed, timeout_s)
+    except _CheckFailed as failed:
+        where = call if failed.phase == "build" else f"{call}.reset({seed})"
+        if failed.detail is None:
+            left = ("its worker process was killed" if isolation == "process" else
+                    "it is left running in a daemon thread")
+            raise TimeoutError(f"{what}: {where} did not return within data.env_step_timeout_s={timeout_s:g} s "
+                               f"(env_isolation={isolation!r}); {left}. A slow but working environment needs a "
+                               "larger data.env_step_timeout_s") from None
+        raise ValueError(f"{what}: {where} failed: {failed.detail}") from failed.__cause__
     if not isinstance(opening, list) or not opening or not all(isinstance(m, dict) for m in opening):
         raise ValueError(f"{what}: {spec.class_path}.reset({seed}) returned {type(opening).__name__}; expected the "
                          "opening messages as a non-empty list of {'role': ..., 'content': ...} dicts")
+
+
+def _close_all(generators: Iterable[GroupGenerator]) -> None:
+    """Close each generator: each closes the environment instances (and worker processes) it owns."""
+    for generator in generators:
+        generator.close()
 
 
 def _relative_note(paths: str | list[str]) -> str:
@@ -214,9 +292,15 @@ class OnlineRolloutDataModule(RolloutDataModule):
 
     The checks that need no model run when the module is built (before the CLI loads the model): environment
     classes import, each environment (training, and validation with ``val_env_kwargs``) is constructed and
-    ``reset`` once, ``offline_path``/``val_path`` exist and an absolute ``buffer_dir`` is writable. At setup:
-    ``trainer.max_steps`` is set (the stream is endless) and ``buffer_dir`` is writable. Each error names its
-    option.
+    ``reset`` once (where the run's instances will be: in a worker process under ``env_isolation: process``;
+    each call within ``env_step_timeout_s``; closed afterwards), ``offline_path``/``val_path`` exist and an
+    absolute ``buffer_dir`` is writable. At setup: ``trainer.max_steps`` is set (the stream is endless) and
+    ``buffer_dir`` is writable. Each error names its option.
+
+    Environment lifetimes: the module owns its generators (one per environment, for training and for
+    validation), and each generator owns its instances and worker processes. Building a data loader again (e.g.
+    ``reload_dataloaders_every_n_epochs``) closes the generators of the loader it replaces; ``teardown`` and
+    ``on_exception`` close the rest.
 
     Args:
         env_class: import path of an Environment class (``reset(seed)``, ``step(action)``, see
@@ -252,7 +336,7 @@ class OnlineRolloutDataModule(RolloutDataModule):
         max_total_tokens: no turn starts or grows past this many tokens in the conversation.
         max_observation_chars: longer observations are cut, with a visible notice.
         env_step_timeout_s: seconds one ``env.step`` may take; the rollout ends with an error after it (None:
-            no limit).
+            no limit). The start-up check's construction and ``reset`` get the same limit.
         env_isolation: where environment steps run: "thread" (worker threads of this process) or
             "process" (worker processes with a killable time limit).
         kv_cache: keep each rollout's KV cache across turns (True) or run one HF ``generate`` over the whole
@@ -336,9 +420,10 @@ class OnlineRolloutDataModule(RolloutDataModule):
             replace(spec, kwargs={**spec.kwargs, **val_env_kwargs}) for spec in self.env_specs]
         for spec in self.env_specs:
             what = spec.option if spec.option != "data.env_class" else "data.env_class/data.env_kwargs"
-            _check_env(spec, env_seed, what)
+            _check_env(spec, env_seed, what, env_isolation, env_step_timeout_s)
         for spec in self.val_env_specs:
-            _check_env(spec, val_seed, f"data.val_env_kwargs (merged over the training kwargs of {spec.option})")
+            _check_env(spec, val_seed, f"data.val_env_kwargs (merged over the training kwargs of {spec.option})",
+                       env_isolation, env_step_timeout_s)
         _check_readable("data.offline_path", offline_path)
         _check_readable("data.val_path", val_path)
         if buffer_dir is not None and os.path.isabs(os.path.expanduser(buffer_dir)):
@@ -446,10 +531,32 @@ class OnlineRolloutDataModule(RolloutDataModule):
         return (isinstance(meta, dict) and meta.get("run_id") == self.run_id
                 and isinstance(meta.get("group_index"), int) and meta["group_index"] >= self.groups_trained)
 
+    # ------------------------------------------------------------------ generators (the owner of environments)
+    def _new_generators(self, old: dict[str, GroupGenerator], specs: list[EnvEntry],
+                        settings: SamplingSettings) -> dict[str, GroupGenerator]:
+        """One generator per environment of ``specs``, for a freshly built data loader; ``old`` (those of the
+        loader it replaces) are closed first. If one fails to build, those already built are closed too."""
+        _close_all(old.values())
+        generators: dict[str, GroupGenerator] = {}
+        try:
+            for spec in specs:
+                generators[spec.name] = GroupGenerator(spec, self.tokenizer, settings)
+        except BaseException:
+            _close_all(generators.values())
+            raise
+        return generators
+
+    def _close_generators(self) -> None:
+        """Close every generator (and so every environment instance and worker process) of this module."""
+        generators = [*self._generators.values(), *self._val_generators.values()]
+        self._generators, self._val_generators = {}, {}
+        _close_all(generators)
+
     # ------------------------------------------------------------------ training stream
     def train_dataloader(self) -> DataLoader:
         settings = self._settings(self._temperature())
-        self._generators = {spec.name: GroupGenerator(spec, self.tokenizer, settings) for spec in self.env_specs}
+        old, self._generators = self._generators, {}
+        self._generators = self._new_generators(old, self.env_specs, settings)
         if self.hparams.buffer_dir is not None and self._writer is None:
             self._writer = RolloutWriter(self._buffer_dir() / f"rollouts-rank{self.trainer.global_rank}.jsonl")
             if self._resumed:
@@ -561,8 +668,8 @@ class OnlineRolloutDataModule(RolloutDataModule):
         if not self.val_env_specs:
             return super().val_dataloader()
         settings = self._settings(self._temperature(h.val_temperature))
-        self._val_generators = {spec.name: GroupGenerator(spec, self.tokenizer, settings)
-                                for spec in self.val_env_specs}
+        old, self._val_generators = self._val_generators, {}
+        self._val_generators = self._new_generators(old, self.val_env_specs, settings)
         return DataLoader(_Stream(self._validation_items), batch_size=h.val_batch_size or h.batch_size,
                           collate_fn=self.collator(), num_workers=0)
 
@@ -597,8 +704,10 @@ class OnlineRolloutDataModule(RolloutDataModule):
                 self._writer.set_aside_tail(self._untrained)
             self._writer.close()
             self._writer = None
-        for generator in [*self._generators.values(), *self._val_generators.values()]:
-            close = getattr(generator, "close", None)  # GroupGenerator.close releases environment instances
-            if callable(close):
-                close()
-        self._generators, self._val_generators = {}, {}
+        self._close_generators()
+
+    def on_exception(self, exception: BaseException) -> None:
+        # Lightning calls teardown only after a fit that ends normally; on an error or Ctrl-C it calls this.
+        # Worker processes would die with the trainer anyway, but an in-process caller (a notebook, a test) goes
+        # on: release the environments now. The buffer is left as it is (see "Exactly once").
+        self._close_generators()

@@ -10,7 +10,9 @@ Two ways to run the G steps of a turn (``SamplingSettings.env_isolation``):
 
 * ``"thread"``: each step in its own daemon thread, joined against one shared deadline. Cheap, and enough for
   environments that cannot hang (ShellWorld bounds its own work). Python cannot kill a thread: a step over the
-  limit keeps running in the background (holding the GIL if it is stuck in C code) and its instance is retired.
+  limit keeps running in the background (holding the GIL if it is stuck in C code) and its instance is retired:
+  the :class:`StepFailure` carries the still-running thread, and :func:`close_after` closes the instance only
+  once that step has returned (never, if it never returns), not under it.
 * ``"process"``: each instance lives in its own worker process (:class:`ProcessEnv`, built there from a picklable
   factory such as :class:`~lit_echo.envs.base.EnvSpec`). The steps are sent to all workers at once and the
   replies awaited with :func:`multiprocessing.connection.wait` until the deadline; a worker that overruns is
@@ -27,6 +29,13 @@ process across a whole episode, and a pool can neither pin work to a worker nor 
 not ``multiprocessing.Process``: its ``spawn`` start re-imports the trainer's main module in every worker (for
 ``lit-echo``, Lightning and torch), and its ``forkserver`` workers are children of the fork server, which waits
 for them, so they could not die with the trainer.
+
+Lifetimes: this module provides the mechanisms (:meth:`ProcessEnv.close`/:meth:`ProcessEnv.kill`,
+:func:`close_quietly`, :func:`close_after`); the owners decide when. A :class:`ProcessEnv` cleans up after itself
+only when its own construction fails. Everything built after that is owned by the
+:class:`~lit_echo.online.generator.GroupGenerator` that built it (it retires timed-out or dead instances and
+closes the rest in ``close()``), and the generators by the data module that built them (closed when a data loader
+is rebuilt, at teardown and on an exception).
 """
 
 from __future__ import annotations
@@ -48,7 +57,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from lit_echo.envs.base import Environment, EnvSpec, StepResult, truncate_observation
@@ -65,13 +74,26 @@ class BadStepResult(ValueError):
     """An environment's ``step`` returned something the generator cannot use; the message says what."""
 
 
+class WorkerError(RuntimeError):
+    """A worker process could not do what it was asked (construction or ``reset`` raised there, or the worker
+    died); ``detail`` is the worker's own account (``"Type: message"`` of the exception, or how it died)."""
+
+    def __init__(self, message: str, detail: str):
+        super().__init__(message)
+        self.detail = detail
+
+
 @dataclass
 class StepFailure:
     """A step that raised, returned something unusable, or overran its time limit; ``message`` is the harness
-    text shown to the policy (and stored as the rollout's ``env_error``)."""
+    text shown to the policy (and stored as the rollout's ``env_error``).
+
+    ``running``: thread mode, a step over the limit: the thread still running it (the instance must not be
+    closed under it; see :func:`close_after`). Not part of equality."""
 
     message: str
     timed_out: bool = False
+    running: threading.Thread | None = field(default=None, compare=False, repr=False)
 
 
 # ---------------------------------------------------------------------------------------------- checking returns
@@ -195,8 +217,9 @@ def guarded_step(env: Environment, action: str, truncated: bool = False,
         return StepFailure(f"[environment error: {_describe(err)}]")
 
 
-def _timeout_failure(timeout_s: float | None) -> StepFailure:
-    return StepFailure(f"[environment error: step timed out after {timeout_s:g} s]", timed_out=True)
+def _timeout_failure(timeout_s: float | None, running: threading.Thread | None = None) -> StepFailure:
+    return StepFailure(f"[environment error: step timed out after {timeout_s:g} s]", timed_out=True,
+                       running=running)
 
 
 # ---------------------------------------------------------------------------------------------- thread isolation
@@ -216,7 +239,10 @@ def _step_in_threads(envs: Sequence[Environment], actions: Sequence[str], trunca
         thread.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
         # A new list: a straggler that finishes later writes only into ``results``, never into what we return.
         result = results[i]
-        out.append(_timeout_failure(timeout_s) if thread.is_alive() or result is None else result)
+        if thread.is_alive():
+            out.append(_timeout_failure(timeout_s, running=thread))
+        else:
+            out.append(_timeout_failure(timeout_s) if result is None else result)
     return out
 
 
@@ -279,12 +305,23 @@ class ProcessEnv:
     """One environment instance in its own worker process; ``reset``/``step``/``close`` are calls to it.
 
     ``factory``: a picklable zero-argument callable that builds the instance (an :class:`EnvSpec`, an importable
-    class, or ``functools.partial`` of one). Construction errors are raised here. ``timeout_s``: time limit of
-    construction, ``reset`` and ``step`` (None: none); on timeout the worker is killed and ``TimeoutError``
-    raised (``step_all`` turns it into a :class:`StepFailure` instead).
+    class, or ``functools.partial`` of one). A subclass of :class:`EnvSpec` that keeps its ``__call__`` (such as
+    the data module's ``EnvEntry``) is sent as the plain :class:`EnvSpec` it amounts to, so the worker does not
+    import the subclass's module (for ``EnvEntry``: the data module, torch and Lightning, seconds per worker).
+    Construction errors are raised here (:class:`WorkerError`). ``timeout_s``: time limit of construction,
+    ``reset`` and ``step`` (None: none); on timeout the worker is killed and ``TimeoutError`` raised
+    (``step_all`` turns it into a :class:`StepFailure` instead).
+
+    Lifetime: the instance owns its worker. Whatever goes wrong while the worker starts (it fails to start,
+    exits before reading its factory, fails to build the environment, overruns, or the wait is interrupted), the
+    worker is killed, reaped and its socket closed before the error propagates, so a failed construction leaves
+    nothing behind. After that, :meth:`close` (or :meth:`kill`) ends it; its owner (the generator) calls it.
     """
 
     def __init__(self, factory: Callable[[], Environment], timeout_s: float | None = None):
+        if isinstance(factory, EnvSpec) and type(factory) is not EnvSpec and \
+                type(factory).__call__ is EnvSpec.__call__:
+            factory = EnvSpec(factory.class_path, factory.kwargs, factory.name, factory.option)
         try:
             payload = pickle.dumps(factory)
         except Exception as err:
@@ -296,15 +333,30 @@ class ProcessEnv:
         self.timeout_s = timeout_s
         ours, theirs = socket.socketpair()
         environ = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
-        # A fresh interpreter that imports only the worker module and the environment's (not the trainer's main
-        # script, as multiprocessing's spawn would); its own session, so a kill reaches whatever it started.
-        self.process = subprocess.Popen([sys.executable, "-m", "lit_echo.online.env_worker", str(theirs.fileno()),
-                                         str(os.getpid())], pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL,
-                                        env=environ, start_new_session=True)
-        theirs.close()  # the worker holds the only copy: its death is an EOF here
+        try:
+            # A fresh interpreter that imports only the worker module and the environment's (not the trainer's
+            # main script, as multiprocessing's spawn would); its own session, so a kill reaches whatever it
+            # started.
+            self.process = subprocess.Popen([sys.executable, "-m", "lit_echo.online.env_worker",
+                                             str(theirs.fileno()), str(os.getpid())], pass_fds=[theirs.fileno()],
+                                            stdin=subprocess.DEVNULL, env=environ, start_new_session=True)
+        except BaseException:
+            ours.close()
+            raise
+        finally:
+            theirs.close()  # the worker holds the only copy: its death is an EOF here
         self.conn = multiprocessing.connection.Connection(ours.detach())
-        self.conn.send((list(sys.path), payload))
-        self._call_result(timeout_s, "construction")
+        try:
+            try:
+                self.conn.send((list(sys.path), payload))
+            except OSError as err:  # it exited (or never ran Python) before reading its factory
+                self.kill()
+                detail = f"its worker process exited at start-up (exit code {self.process.returncode})"
+                raise WorkerError(f"{self.name} construction failed: {detail} ({_describe(err)})", detail) from None
+            self._call_result(timeout_s, "construction")
+        except BaseException:
+            self.kill()  # whatever the failure (an error reply, a timeout, Ctrl-C while waiting): nothing left
+            raise
 
     # -- requests ---------------------------------------------------------------------------------------------
     def send(self, method: str, args: Any) -> None:
@@ -331,7 +383,7 @@ class ProcessEnv:
             self.kill()
             raise TimeoutError(f"{self.name} {what} timed out after {timeout_s:g} s; its worker process was killed")
         self.kill()
-        raise RuntimeError(f"{self.name} {what} failed in its worker process: {value}")
+        raise WorkerError(f"{self.name} {what} failed in its worker process: {value}", value)
 
     def reset(self, seed: int) -> list[dict[str, str]]:
         self._send_or_fail("reset", seed)
@@ -349,7 +401,8 @@ class ProcessEnv:
             self.send(method, args)
         except (BrokenPipeError, OSError) as err:
             self.kill()
-            raise RuntimeError(f"{self.name}: its worker process is gone ({_describe(err)})") from None
+            detail = f"its worker process is gone ({_describe(err)})"
+            raise WorkerError(f"{self.name}: {detail}", detail) from None
 
     # -- lifetime ---------------------------------------------------------------------------------------------
     @property
@@ -465,3 +518,23 @@ def close_quietly(envs: Sequence[Any], timeout_s: float = _CLOSE_WAIT_S) -> None
     deadline = time.monotonic() + timeout_s
     for thread in threads:
         thread.join(max(0.0, deadline - time.monotonic()))
+
+
+def close_after(env: Any, running: threading.Thread | None, timeout_s: float = _CLOSE_WAIT_S) -> None:
+    """Close a retired instance (as :func:`close_quietly`) once nothing runs in it any more.
+
+    ``running``: the thread still running the instance's last step (thread mode, a step over its time limit), or
+    None. Without one, or once it has finished, the instance is closed now. Otherwise a daemon thread
+    (``env-retire``) waits for that step to return and then closes it: closing an instance under a step that is
+    still running could corrupt it or race with it. A step that never returns keeps its instance open (and that
+    thread waiting) until the process exits; Python cannot stop a thread.
+    """
+    if running is None or not running.is_alive():
+        close_quietly([env], timeout_s)
+        return
+
+    def close_when_done() -> None:
+        running.join()
+        close_quietly([env], timeout_s)
+
+    threading.Thread(target=close_when_done, daemon=True, name="env-retire").start()

@@ -46,7 +46,6 @@ empty observation body.
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -58,6 +57,7 @@ from lit_echo.chat import RolloutBuilder
 from lit_echo.data.collate import pad_token_id
 from lit_echo.envs.base import Environment, StepResult, truncate_observation  # noqa: F401  (re-exported)
 from lit_echo.models import _causal_lm
+from lit_echo.online import env_runner
 from lit_echo.online.decoding import CachedRows, exponential_noise, kv_reuse_supported, sample_tokens
 from lit_echo.online.env_runner import FLOAT32_MAX, ProcessEnv, StepFailure, close_quietly, env_name, step_all
 from lit_echo.rollout import Rollout
@@ -82,9 +82,10 @@ class SamplingSettings:
     ``env_step_timeout_s``: seconds one ``env.step`` may take (None: no limit).
     ``env_isolation``: ``"thread"`` (default) runs each instance in the trainer's process and each step in a
         worker thread; a step over the limit cannot be stopped and keeps running in the background (its
-        instance is retired). ``"process"`` runs each instance in its own worker process, built from a picklable
-        ``env_factory`` (:class:`~lit_echo.envs.base.EnvSpec`); a step over the limit gets its process killed
-        and replaced. Use it for environments that can hang (see :mod:`lit_echo.online.env_runner`).
+        instance is retired, and closed only once that step returns). ``"process"`` runs each instance in its
+        own worker process, built from a picklable ``env_factory`` (:class:`~lit_echo.envs.base.EnvSpec`); a
+        step over the limit gets its process killed and replaced. Use it for environments that can hang (see
+        :mod:`lit_echo.online.env_runner`).
     ``kv_cache``: keep each rollout's KV cache across turns and prefill the group's shared opening once (True,
         default), or run one HF ``generate`` over the whole conversation every turn (False: today's slower path,
         kept as a reference). Both sample the same distribution with the same random stream.
@@ -243,8 +244,15 @@ class GroupGenerator:
         settings: :class:`SamplingSettings`.
 
     The generator keeps its G environment instances between groups; it never keeps a model: pass the current
-    policy to :meth:`generate_group` each time (weights in place, no copy). :meth:`close` releases the
-    instances (their ``close()``, worker processes); call it when done.
+    policy to :meth:`generate_group` each time (weights in place, no copy).
+
+    Lifetimes: the generator owns every instance it builds, and only it closes them. An instance whose step
+    failed in a way that leaves it unusable (timed out; in process mode also a worker that died) is retired at
+    once and replaced: in process mode its worker has already been killed and it is closed now; in thread mode
+    its step may still be running, so it is closed by :func:`~lit_echo.online.env_runner.close_after` once that
+    step returns (an instance whose step never returns is never closed: Python cannot stop the thread, and
+    closing the instance under it could corrupt it). :meth:`close` releases the instances in service (their
+    ``close()``, worker processes); call it when done. Retired instances still stepping are not waited for.
     """
 
     def __init__(self, env_factory: Callable[[], Environment], tokenizer, settings: SamplingSettings | None = None):
@@ -491,8 +499,10 @@ class GroupGenerator:
         return self.env_factory()
 
     def close(self) -> None:
-        """Release every instance: its ``close()`` if it has one (errors logged), and its worker process in
-        process mode. The generator can be used again afterwards (it builds new instances)."""
+        """Release every instance in service: its ``close()`` if it has one (errors logged, each waited for at
+        most a few seconds), and its worker process in process mode. Idempotent; the generator can be used again
+        afterwards (it builds new instances). Retired thread-mode instances whose step is still running close
+        themselves when it returns (see the class docstring)."""
         envs, self._envs = self._envs, []
         close_quietly(envs)
 
@@ -539,8 +549,17 @@ class GroupGenerator:
         if failure.timed_out:
             stats.env_timeouts += 1
         if failure.timed_out or (isinstance(episode.env, ProcessEnv) and not episode.env.alive):
-            # Thread mode: its step may still be running; process mode: its worker was killed (or died). Either
-            # way the instance is retired (closed in the background) and replaced.
-            index = next(i for i, env in enumerate(self._envs) if env is episode.env)
-            threading.Thread(target=close_quietly, args=([episode.env],), daemon=True, name="env-retire").start()
-            self._envs[index] = self._new_env()
+            self._retire(episode.env, failure.running)
+
+    def _retire(self, env: Environment, running) -> None:
+        """Take ``env`` out of service, end it, and put a fresh instance in its place.
+
+        Process mode: its worker was killed (timeout) or died, so closing it now only releases what is left.
+        Thread mode: ``running`` is the thread still running its step; the instance is closed once that step
+        returns, never under it (:func:`~lit_echo.online.env_runner.close_after`). It leaves ``_envs`` before
+        the replacement is built, so a replacement that fails to build leaves no retired instance in service
+        (the next group builds what is missing)."""
+        index = next(i for i, e in enumerate(self._envs) if e is env)
+        del self._envs[index]
+        env_runner.close_after(env, running)
+        self._envs.insert(index, self._new_env())
