@@ -19,6 +19,15 @@ measured in the same run. Then the ratios (today / KV cache).
 
     python benchmarks/online_step.py            # SmolLM2-135M-Instruct, G=8, 4 turns, 48 tokens; ~10 minutes
     python benchmarks/online_step.py --tiny     # tiny random model, seconds
+
+``--backend hf,vllm`` compares the two generation backends instead (needs vLLM: ``pip install -e ".[vllm]"``):
+``hf`` is the KV-cache path above, ``vllm`` a vLLM engine (:mod:`lit_echo.online.vllm_engine`) handed the
+current LoRA adapter before each of its steps (training changes it in between, so every vLLM step pays a sync)
+and rescored by the trainer's model. Printed per arm as well: engine start-up (once), sync, rescore seconds per
+step and the engine/trainer log-prob mismatch; ``--vllm-sync weights`` measures merged-weight loading instead of
+a new LoRA adapter per version.
+
+    python benchmarks/online_step.py --backend hf,vllm --threads 1
 """
 
 from __future__ import annotations
@@ -43,6 +52,7 @@ from lit_echo.online.generator import GenerationStats, GroupGenerator, SamplingS
 from lit_echo.precision import native_bf16
 
 ARMS = ("generate", "kv_cache")
+BACKEND_ARMS = ("hf", "vllm")
 
 
 @dataclass
@@ -85,15 +95,22 @@ class _Steps(IterableDataset):
 
 
 class Bench:
-    def __init__(self, args, module, tokenizer, autocast, weights: BaseWeights):
+    def __init__(self, args, module, tokenizer, autocast, weights: BaseWeights, arms: tuple[str, str] = ARMS,
+                 sampler=None):
         self.args, self.module, self.autocast, self.weights = args, module, autocast, weights
-        self.arms = {name: Arm() for name in ARMS}
+        self.names = arms
+        self.arms = {name: Arm() for name in arms}
         self.collate = RolloutCollator(tokenizer.pad_token_id, max_length=args.max_total_tokens)
-        self.generators = {
-            name: GroupGenerator(lambda: ShellWorld("train"), tokenizer, SamplingSettings(
+
+        def settings(name: str) -> SamplingSettings:
+            return SamplingSettings(
                 temperature=args.temperature, max_new_tokens=args.max_new_tokens, max_turns=args.max_turns,
-                max_total_tokens=args.max_total_tokens, max_observation_chars=1500, kv_cache=name == "kv_cache"))
-            for name in ARMS}
+                max_total_tokens=args.max_total_tokens, max_observation_chars=1500, kv_cache=name != "generate",
+                backend="vllm" if name == "vllm" else "hf")
+
+        self.generators = {name: GroupGenerator(lambda: ShellWorld("train"), tokenizer, settings(name),
+                                                sampler=sampler if name == "vllm" else None)
+                           for name in arms}
         # Warm-up (kernels, allocator, both paths once): a short generation, not counted.
         self.warmup = GroupGenerator(lambda: ShellWorld("train"), tokenizer, SamplingSettings(
             temperature=args.temperature, max_new_tokens=8, max_turns=1, max_total_tokens=args.max_total_tokens))
@@ -101,19 +118,22 @@ class Bench:
 
     def arm_of(self, step: int) -> str:
         if step < 2:  # warm-up steps, one per arm, not counted
-            return ARMS[step]
+            return self.names[step]
         k = step - 2
-        return ARMS[(k + k // 2) % 2]  # ABBA ABBA ...
+        return self.names[(k + k // 2) % 2]  # ABBA ABBA ...
 
     def generate(self, step: int):
         arm = self.arm_of(step)
         seed = 100_000 + (step - 2) // 2 if step >= 2 else 90_000  # both arms of a pair play the same task
         torch.manual_seed(step)
-        generator = self.generators[arm] if step >= 2 else self.warmup
-        generator.settings.kv_cache = arm == "kv_cache"
+        # The warm-up step of the vLLM arm runs its own generator: it starts the engine (start-up is reported).
+        generator = self.generators[arm] if step >= 2 or arm == "vllm" else self.warmup
+        generator.settings.kv_cache = arm != "generate"
         self.weights.use(arm)
         with self.autocast():
-            rollouts, stats = generator.generate_group(self.module.model, seed, self.args.group_size)
+            # policy_version = step: every vLLM step is handed the adapter training has changed since its last
+            rollouts, stats = generator.generate_group(self.module.model, seed, self.args.group_size,
+                                                       policy_version=step)
         for rollout, advantage in zip(rollouts, grpo_advantages([r.reward for r in rollouts],
                                                                 [r.group_id for r in rollouts])):
             rollout.advantage = advantage
@@ -140,6 +160,12 @@ def main(argv: list[str] | None = None) -> None:
                         help="rows per forward/backward in training (bounds activation memory; same gradients)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
     parser.add_argument("--quiet", action="store_true", help="no per-turn generation progress lines")
+    parser.add_argument("--backend", default=None, choices=["hf,vllm"],
+                        help="compare the HF (KV-cache) and vLLM generation backends instead of today's path and "
+                             "the KV cache (needs vLLM)")
+    parser.add_argument("--vllm-sync", default="lora", choices=["lora", "weights"],
+                        help="with --backend: hand the engine a new LoRA adapter per version, or merged weights")
+    parser.add_argument("--vllm-kv-cache-gib", type=float, default=2.0, help="with --backend: the engine's KV cache")
     args = parser.parse_args(argv)
     if not args.quiet:  # the generator's per-turn progress (turn k of N, rollouts finished, tokens/s)
         logging.basicConfig(format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
@@ -165,8 +191,20 @@ def main(argv: list[str] | None = None) -> None:
     def autocast():
         return torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else nullcontext()
 
-    weights = BaseWeights(module.model, {"generate": None, "kv_cache": torch.bfloat16 if bf16 else None})
-    bench = Bench(args, module, tokenizer, autocast, weights)
+    arm_names, sampler = ARMS, None
+    if args.backend:
+        from lit_echo.online.vllm_engine import VLLMSampler, VLLMSettings
+
+        arm_names = BACKEND_ARMS
+        os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")  # the trainer shares the cores
+        sampler = VLLMSampler(models.resolve_model_path(args.model),
+                              VLLMSettings(kv_cache_gib=args.vllm_kv_cache_gib, sync=args.vllm_sync,
+                                           dtype="bfloat16" if bf16 else "float32"),
+                              max_total_tokens=args.max_total_tokens, lora_rank=16)
+    # Both backends train (and rescore) with the same trainer weights: the new path's bf16 base where native.
+    weights = BaseWeights(module.model, {arm_names[0]: None if not args.backend else torch.bfloat16 if bf16 else None,
+                                         arm_names[1]: torch.bfloat16 if bf16 else None})
+    bench = Bench(args, module, tokenizer, autocast, weights, arm_names, sampler)
 
     class TimeTraining(pl.Callback):
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
@@ -189,7 +227,11 @@ def main(argv: list[str] | None = None) -> None:
                          enable_model_summary=False, callbacks=[TimeTraining()], num_sanity_val_steps=0)
     peaks = [peak_matmul_flops(torch.bfloat16 if bf16 else torch.float32)]
     started = time.perf_counter()
-    trainer.fit(module, DataLoader(_Steps(bench, steps), batch_size=None))
+    try:
+        trainer.fit(module, DataLoader(_Steps(bench, steps), batch_size=None))
+    finally:
+        if sampler is not None:
+            sampler.close()
     wall = time.perf_counter() - started
     peaks.append(peak_matmul_flops(torch.bfloat16 if bf16 else torch.float32))
     peak = max(peaks)
@@ -205,7 +247,7 @@ def main(argv: list[str] | None = None) -> None:
               f"{'FLOP/s of peak':>14s}")
     print(header)
     per_step = {}
-    for name in ARMS:
+    for name in arm_names:
         arm = bench.arms[name]
         s, n = arm.stats, max(arm.steps, 1)
         train = sum(arm.train_s)
@@ -218,6 +260,9 @@ def main(argv: list[str] | None = None) -> None:
               f"{train / n:8.2f} {(s.seconds + train) / n:7.2f} {s.prefill_tokens / n:11.0f} "
               f"{s.sampled_tokens / n:8.0f} {per_step[name]['prefill_per_sampled']:15.2f} "
               f"{s.sampled_tokens / max(s.seconds, 1e-9):9.1f} {flops_fraction:14.3f}")
+    if args.backend:
+        _print_backends(bench, per_step, sampler)
+        return
     old, new = per_step["generate"], per_step["kv_cache"]
     print(f"ratios (today / KV cache): generation time {old['gen'] / new['gen']:.2f}x, prefill time "
           f"{old['prefill'] / max(new['prefill'], 1e-9):.2f}x, prefill tokens per sampled token "
@@ -225,6 +270,22 @@ def main(argv: list[str] | None = None) -> None:
           f"{old['step'] / new['step']:.2f}x (median train s per step: "
           f"{statistics.median(bench.arms['generate'].train_s):.2f} / "
           f"{statistics.median(bench.arms['kv_cache'].train_s):.2f})")
+
+
+def _print_backends(bench: Bench, per_step: dict, sampler) -> None:
+    """The vLLM arm's own phases and mismatch, and the ratios HF / vLLM."""
+    s, n = bench.arms["vllm"].stats, max(bench.arms["vllm"].steps, 1)
+    metrics = s.metrics()
+    print(f"vllm: engine start-up {sampler.start_s:.1f} s (once, not in the step times); per step: sync "
+          f"{s.sync_s / n:.2f} s ({sampler.settings.sync}), engine generate {s.decode_s / n:.2f} s, rescore "
+          f"{s.rescore_s / n:.2f} s, environment {s.env_s / n:.2f} s; prompt positions the prefix cache missed per "
+          f"sampled token {s.prefill_tokens / max(s.sampled_tokens, 1):.2f}; log-prob mismatch over "
+          f"{s.logprob_tokens} ACTION tokens: mean |diff| {metrics.get('rollout/logprob_diff_mean', 0):.4f}, max "
+          f"{metrics.get('rollout/logprob_diff_max', 0):.4f}, KL {metrics.get('rollout/logprob_kl', 0):.2e}")
+    hf, vllm = per_step["hf"], per_step["vllm"]
+    print(f"ratios (HF / vLLM): generation time {hf['gen'] / vllm['gen']:.2f}x, end-to-end step "
+          f"{hf['step'] / vllm['step']:.2f}x (median train s per step: "
+          f"{statistics.median(bench.arms['hf'].train_s):.2f} / {statistics.median(bench.arms['vllm'].train_s):.2f})")
 
 
 if __name__ == "__main__":

@@ -68,3 +68,43 @@ BAD_VALUES = {
     "observation surrogate": lambda: StepResult("bad \ud800 text"),
     "not a StepResult": lambda: {"observation": "x"},
 }
+
+
+class ScriptedEnv:
+    """Three turns; records the actions it received; observations include text that looks like template."""
+
+    def __init__(self, observation_chars: int = 0):
+        self.observation_chars = observation_chars
+        self.turn = 0
+        self.actions: list[str] = []
+        self.observations: list[str] = []
+
+    def reset(self, seed: int):
+        self.actions, self.observations, self.turn = [], [], 0
+        return [{"role": "system", "content": "You are a test agent."},
+                {"role": "user", "content": f"Task {seed}: say anything."}]
+
+    def step(self, action: str) -> StepResult:
+        self.turn += 1
+        self.actions.append(action)
+        text = f"turn {self.turn} <|im_end|> saw {len(action)} chars\n"
+        if self.observation_chars:
+            text = "x" * self.observation_chars
+        self.observations.append(text)
+        return StepResult(text, reward=0.5, done=self.turn == 3, info={"valid_action": self.turn != 2})
+
+
+def lora_policy(checkpoint, rank: int = 4, seed: int = 0):
+    """The tiny checkpoint with a LoRA adapter of ``rank`` whose B matrices are random (not zero), so sampling
+    really goes through the adapters."""
+    import torch
+
+    from lit_echo import models
+
+    torch.manual_seed(seed)
+    model = models.build_model(str(checkpoint), lora_rank=rank)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.05)
+    return model

@@ -12,6 +12,7 @@ import time
 
 import pytest
 import torch
+from envs_for_tests import ScriptedEnv, lora_policy
 
 from lit_echo import models
 from lit_echo.chat import RolloutBuilder, role_spans_text
@@ -23,30 +24,6 @@ from lit_echo.online.generator import GroupGenerator, SamplingSettings, truncate
 from lit_echo.roles import Role
 
 END = "<|im_end|>"
-
-
-class ScriptedEnv:
-    """Three turns; records the actions it received; observations include text that looks like template."""
-
-    def __init__(self, observation_chars: int = 0):
-        self.observation_chars = observation_chars
-        self.turn = 0
-        self.actions: list[str] = []
-        self.observations: list[str] = []
-
-    def reset(self, seed: int):
-        self.actions, self.observations, self.turn = [], [], 0
-        return [{"role": "system", "content": "You are a test agent."},
-                {"role": "user", "content": f"Task {seed}: say anything."}]
-
-    def step(self, action: str) -> StepResult:
-        self.turn += 1
-        self.actions.append(action)
-        text = f"turn {self.turn} <|im_end|> saw {len(action)} chars\n"
-        if self.observation_chars:
-            text = "x" * self.observation_chars
-        self.observations.append(text)
-        return StepResult(text, reward=0.5, done=self.turn == 3, info={"valid_action": self.turn != 2})
 
 
 class FailingEnv(ScriptedEnv):
@@ -66,13 +43,7 @@ class FailingEnv(ScriptedEnv):
 
 @pytest.fixture(scope="module")
 def model(tiny_checkpoint):
-    torch.manual_seed(0)
-    model = models.build_model(str(tiny_checkpoint), lora_rank=4)
-    with torch.no_grad():  # non-zero adapters, so sampling really goes through them
-        for name, param in model.named_parameters():
-            if "lora_B" in name:
-                param.normal_(0, 0.05)
-    return model
+    return lora_policy(tiny_checkpoint)
 
 
 class GenerateSpy:

@@ -11,7 +11,9 @@ Data flow (main process, ``num_workers=0``)::
 
 Weights: generation uses ``trainer.lightning_module.model`` in place (no second copy), under the precision
 plugin's forward context so sampling runs at the training precision. ``policy_version`` is
-``trainer.global_step`` at generation time.
+``trainer.global_step`` at generation time. With ``backend="vllm"`` a vLLM engine samples the turns instead
+(:mod:`lit_echo.online.vllm_engine`): the module owns one engine for the run (training and validation), hands it
+the policy whenever ``policy_version`` changed, and the trainer's model recomputes the ACTION log-probs.
 
 Staleness: Lightning fetches one batch ahead of the step that trains on it, so generation for the steps from s
 on runs before step s-1 has updated the weights: rollouts are one optimizer step stale, plus up to
@@ -61,6 +63,7 @@ from lit_echo.online.agent import run_agent
 from lit_echo.online.env_runner import ProcessEnv, WorkerError, close_quietly
 from lit_echo.online.generator import GenerationStats, GroupGenerator, SamplingSettings
 from lit_echo.online.reporting import log_generation
+from lit_echo.online.vllm_engine import VLLMSampler, VLLMSettings, check_vllm_installed, engine_dtype
 from lit_echo.online.writer import RolloutWriter
 from lit_echo.rollout import Rollout
 
@@ -213,6 +216,16 @@ def _close_all(generators: Iterable[GroupGenerator]) -> None:
         generator.close()
 
 
+def _vllm_settings(values: dict[str, Any] | None) -> VLLMSettings:
+    """``data.vllm`` as :class:`VLLMSettings`; an unknown key is named with the accepted ones."""
+    values = dict(values or {})
+    known = list(VLLMSettings.__dataclass_fields__)
+    unknown = sorted(set(values) - set(known))
+    if unknown:
+        raise ValueError(f"data.vllm: unknown setting(s) {unknown}; expected keys among {known}")
+    return VLLMSettings(**values)
+
+
 def _relative_note(paths: str | list[str]) -> str:
     items = [paths] if isinstance(paths, str) else list(paths)
     if any(not os.path.isabs(os.path.expanduser(str(p))) for p in items):
@@ -340,7 +353,14 @@ class OnlineRolloutDataModule(RolloutDataModule):
         env_isolation: where environment steps run: "thread" (worker threads of this process) or
             "process" (worker processes with a killable time limit).
         kv_cache: keep each rollout's KV cache across turns (True) or run one HF ``generate`` over the whole
-            conversation every turn (False: the slower reference path; same distribution).
+            conversation every turn (False: the slower reference path; same distribution). HF backend only.
+        backend: who samples the turns: "hf" (the policy's own forward in this process) or "vllm" (a vLLM engine
+            with the current LoRA adapter, synced after every optimizer step; needs ``pip install -e ".[vllm]"``
+            or vLLM on a GPU; see the README's vLLM section). Not with ``agent``.
+        vllm: the engine's settings with ``backend: vllm``, keys of
+            :class:`lit_echo.online.vllm_engine.VLLMSettings`: ``kv_cache_gib`` (KV-cache budget, default 2),
+            ``gpu_memory_utilization``, ``sync`` ("lora" or "weights"), ``logprobs`` ("trainer" or "engine"),
+            ``max_lora_rank``, ``enforce_eager``, ``dtype``, ``quantization``, ``max_num_seqs``, ``seed``.
         buffer_dir: every rollout is appended to ``buffer_dir/rollouts-rank{R}.jsonl`` (one file per global rank);
             a relative path is taken under ``trainer.default_root_dir``. None keeps nothing.
         offline_path: an offline buffer (file, directory or glob; relative to the working directory) mixed into
@@ -375,7 +395,8 @@ class OnlineRolloutDataModule(RolloutDataModule):
                  max_new_tokens: int = 256, max_turns: int = 8,
                  max_total_tokens: int = 4096, max_observation_chars: int = 4000,
                  env_step_timeout_s: float | None = 30.0, env_isolation: Literal["thread", "process"] = "thread",
-                 kv_cache: bool = True, buffer_dir: str | None = "rollouts",
+                 kv_cache: bool = True, backend: Literal["hf", "vllm"] = "hf", vllm: dict[str, Any] | None = None,
+                 buffer_dir: str | None = "rollouts",
                  offline_path: str | list[str] | None = None, offline_ratio: float = 0.0,
                  val_path: str | list[str] | None = None,
                  val_env_kwargs: dict | None = None, val_episodes: int = 16, val_seed: int = 0,
@@ -402,6 +423,16 @@ class OnlineRolloutDataModule(RolloutDataModule):
         if env_isolation != "thread" and "env_isolation" not in SamplingSettings.__dataclass_fields__:
             raise NotImplementedError(f"data.env_isolation={env_isolation!r}: this version runs environment steps "
                                       "in threads only")
+        if backend not in ("hf", "vllm"):
+            raise ValueError(f"data.backend: expected 'hf' or 'vllm', got {backend!r}")
+        if vllm is not None and backend != "vllm":
+            raise ValueError("data.vllm sets the vLLM engine, which only data.backend: vllm uses")
+        self.vllm_settings = _vllm_settings(vllm) if backend == "vllm" else None
+        if backend == "vllm":
+            if agent is not None:
+                raise ValueError("data.backend: vllm samples the turns of an environment's episodes; data.agent "
+                                 "(your own agent loop) samples by itself: leave data.backend at 'hf'")
+            check_vllm_installed()
         self.env_specs = _env_specs(env_class, env_kwargs, envs)
         if agent is not None and self.env_specs:
             raise ValueError("set data.agent (your own agent loop) or an environment (data.env_class / data.envs), "
@@ -453,6 +484,7 @@ class OnlineRolloutDataModule(RolloutDataModule):
         self._generators: dict[str, GroupGenerator] = {}
         self._val_generators: dict[str, GroupGenerator] = {}
         self._writer: RolloutWriter | None = None
+        self._sampler: VLLMSampler | None = None  # the vLLM engine (backend: vllm), built with the first loader
 
     # ------------------------------------------------------------------ checkpoint state
     def state_dict(self) -> dict[str, Any]:
@@ -515,7 +547,8 @@ class OnlineRolloutDataModule(RolloutDataModule):
         kwargs: dict[str, Any] = {"temperature": temperature, "top_p": h.top_p, "max_new_tokens": h.max_new_tokens,
                                   "max_turns": h.max_turns, "max_total_tokens": h.max_total_tokens,
                                   "max_observation_chars": h.max_observation_chars,
-                                  "env_step_timeout_s": h.env_step_timeout_s, "kv_cache": h.kv_cache}
+                                  "env_step_timeout_s": h.env_step_timeout_s, "kv_cache": h.kv_cache,
+                                  "backend": h.backend}
         if "env_isolation" in SamplingSettings.__dataclass_fields__:
             kwargs["env_isolation"] = h.env_isolation
         return SamplingSettings(**kwargs)
@@ -540,17 +573,45 @@ class OnlineRolloutDataModule(RolloutDataModule):
         generators: dict[str, GroupGenerator] = {}
         try:
             for spec in specs:
-                generators[spec.name] = GroupGenerator(spec, self.tokenizer, settings)
+                generators[spec.name] = GroupGenerator(spec, self.tokenizer, settings, sampler=self._engine())
         except BaseException:
             _close_all(generators.values())
             raise
         return generators
 
     def _close_generators(self) -> None:
-        """Close every generator (and so every environment instance and worker process) of this module."""
+        """Close every generator (and so every environment instance and worker process) of this module, and the
+        vLLM engine."""
         generators = [*self._generators.values(), *self._val_generators.values()]
         self._generators, self._val_generators = {}, {}
-        _close_all(generators)
+        try:
+            _close_all(generators)
+        finally:
+            sampler, self._sampler = self._sampler, None
+            if sampler is not None:
+                sampler.close()
+
+    def _engine(self) -> VLLMSampler | None:
+        """The run's vLLM sampler (``backend: vllm``; built once, its engine started at the first generation), or
+        None for the HF backend. It loads the base checkpoint of ``model.model_name_or_path`` itself."""
+        if self.vllm_settings is None:
+            return None
+        if self._sampler is None:
+            from lit_echo.models import resolve_model_path
+
+            module = self.trainer.lightning_module
+            hparams = getattr(module, "hparams", {})
+            name = hparams.get("model_name_or_path") or getattr(self._policy().config, "_name_or_path", None)
+            if not name:
+                raise ValueError("data.backend: vllm loads the policy's base checkpoint itself, but "
+                                 f"{type(module).__name__} has no hparams.model_name_or_path")
+            rank = hparams.get("lora_rank") if hasattr(self._policy(), "peft_config") else None
+            settings = self.vllm_settings
+            if settings.dtype == "auto":  # round like the trainer (see VLLMSettings.dtype)
+                settings = replace(settings, dtype=engine_dtype(str(self.trainer.precision)))
+            self._sampler = VLLMSampler(resolve_model_path(name, hparams.get("cache_dir")), settings,
+                                        max_total_tokens=self.hparams.max_total_tokens, lora_rank=rank)
+        return self._sampler
 
     # ------------------------------------------------------------------ training stream
     def train_dataloader(self) -> DataLoader:

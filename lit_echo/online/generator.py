@@ -89,6 +89,11 @@ class SamplingSettings:
     ``kv_cache``: keep each rollout's KV cache across turns and prefill the group's shared opening once (True,
         default), or run one HF ``generate`` over the whole conversation every turn (False: today's slower path,
         kept as a reference). Both sample the same distribution with the same random stream.
+    ``backend``: who samples the turns. ``"hf"`` (default): the policy's own forward in this process (the two
+        paths above). ``"vllm"``: a vLLM engine (:mod:`lit_echo.online.vllm_engine`), handed to the generator as
+        its ``sampler``; the turn loop, environments and token roles are the same. Pick vLLM on a CUDA GPU,
+        where its batched paged-attention decoding is much faster than HF's; on CPU it is a second copy of the
+        weights for little or no gain (README, "vLLM backend").
     """
 
     temperature: float = 1.0
@@ -100,6 +105,7 @@ class SamplingSettings:
     env_step_timeout_s: float | None = 30.0
     env_isolation: Literal["thread", "process"] = "thread"
     kv_cache: bool = True
+    backend: Literal["hf", "vllm"] = "hf"
 
     def __post_init__(self) -> None:
         if not self.temperature > 0:
@@ -113,6 +119,8 @@ class SamplingSettings:
             raise ValueError(f"env_step_timeout_s: expected > 0 or None, got {self.env_step_timeout_s}")
         if self.env_isolation not in ("thread", "process"):
             raise ValueError(f"env_isolation: expected 'thread' or 'process', got {self.env_isolation!r}")
+        if self.backend not in ("hf", "vllm"):
+            raise ValueError(f"backend: expected 'hf' or 'vllm', got {self.backend!r}")
 
 
 @dataclass
@@ -123,6 +131,12 @@ class GenerationStats:
     computed too); ``decode_tokens``: positions run through one-token-per-row decode forwards.
     ``prefill_s``, ``decode_s``, ``env_s``: seconds spent prefilling, decoding (forwards of one token per row
     plus sampling), and in environment steps; ``seconds`` is the whole generation.
+
+    With an engine sampler (``backend="vllm"``): ``decode_s`` is the engine's generate calls (its prefill
+    included), ``prefill_tokens`` the prompt positions its prefix cache did not hold; ``engine_start_s``,
+    ``sync_s`` (handing the policy to the engine) and ``rescore_s`` (the trainer's no-grad forward over the
+    rollouts) are their own phases; ``logprob_*`` compare the engine's ACTION log-probs with the trainer's over
+    ``logprob_tokens`` tokens (sum of absolute differences, their maximum, sum of k3 KL terms).
     """
 
     rollouts: int = 0
@@ -139,10 +153,18 @@ class GenerationStats:
     prefill_s: float = 0.0
     decode_s: float = 0.0
     env_s: float = 0.0
+    engine_start_s: float = 0.0
+    sync_s: float = 0.0
+    rescore_s: float = 0.0
+    logprob_tokens: int = 0
+    logprob_diff_sum: float = 0.0
+    logprob_diff_max: float = 0.0
+    logprob_kl_sum: float = 0.0
 
     def __iadd__(self, other: GenerationStats) -> GenerationStats:
         for name in self.__dataclass_fields__:
-            setattr(self, name, getattr(self, name) + getattr(other, name))
+            combine = max if name == "logprob_diff_max" else (lambda a, b: a + b)
+            setattr(self, name, combine(getattr(self, name), getattr(other, name)))
         return self
 
     def metrics(self) -> dict[str, float]:
@@ -162,7 +184,20 @@ class GenerationStats:
             "perf/decode_s": self.decode_s,
             "perf/env_s": self.env_s,
             "perf/prefill_tokens_per_sampled_token": self.prefill_tokens / max(self.sampled_tokens, 1),
+            **self._engine_metrics(),
         }
+
+    def _engine_metrics(self) -> dict[str, float]:
+        """The engine sampler's phases and log-prob mismatch (none for the HF backend)."""
+        if not self.logprob_tokens and not (self.engine_start_s or self.sync_s or self.rescore_s):
+            return {}
+        metrics = {"perf/engine_start_s": self.engine_start_s, "perf/sync_s": self.sync_s,
+                   "perf/rescore_s": self.rescore_s}
+        if self.logprob_tokens:
+            metrics.update({"rollout/logprob_diff_mean": self.logprob_diff_sum / self.logprob_tokens,
+                            "rollout/logprob_diff_max": self.logprob_diff_max,
+                            "rollout/logprob_kl": self.logprob_kl_sum / self.logprob_tokens})
+        return metrics
 
 
 @dataclass
@@ -242,6 +277,13 @@ class GroupGenerator:
             worker process calls it.
         tokenizer: the policy's tokenizer with its chat template (used by :class:`RolloutBuilder`).
         settings: :class:`SamplingSettings`.
+        sampler: who samples the turns instead of the policy's own forward: an object with
+            ``begin(model, policy_version, stats)`` (before a batch: e.g. hand the engine the current weights),
+            ``sample(prompts, budgets, end_of_turn, settings, stats) -> (ids, logprobs)`` (one turn for every
+            running row: ids ending at ``end_of_turn`` if sampled, at most the row's budget) and
+            ``end(model, rollouts, temperature, stats)`` (after the batch: e.g. recompute log-probs), such as
+            :class:`lit_echo.online.vllm_engine.VLLMSampler`. Required with ``settings.backend="vllm"``, which
+            needs one; None: the HF paths. The generator does not close it (its owner does).
 
     The generator keeps its G environment instances between groups; it never keeps a model: pass the current
     policy to :meth:`generate_group` each time (weights in place, no copy).
@@ -255,10 +297,16 @@ class GroupGenerator:
     ``close()``, worker processes); call it when done. Retired instances still stepping are not waited for.
     """
 
-    def __init__(self, env_factory: Callable[[], Environment], tokenizer, settings: SamplingSettings | None = None):
+    def __init__(self, env_factory: Callable[[], Environment], tokenizer, settings: SamplingSettings | None = None,
+                 sampler: Any = None):
         self.env_factory = env_factory
         self.tokenizer = tokenizer
         self.settings = settings or SamplingSettings()
+        if self.settings.backend == "vllm" and sampler is None:
+            raise ValueError("SamplingSettings(backend='vllm') needs an engine sampler: pass "
+                             "sampler=lit_echo.online.vllm_engine.VLLMSampler(...) (OnlineRolloutDataModule builds "
+                             "one for data.backend: vllm)")
+        self.sampler = sampler
         self._envs: list[Environment] = []
         if self.settings.env_isolation == "process":
             ProcessEnv(env_factory, self.settings.env_step_timeout_s).close()  # fail now if it cannot work
@@ -315,10 +363,13 @@ class GroupGenerator:
         stats = GenerationStats()
         was_training = model.training
         model.eval()
-        # None: one HF generate per turn; else the batch's KV cache, created by the first turn.
-        cached = _CachedGroup() if self.settings.kv_cache and self._kv_reuse(model) else None
+        # None: one HF generate per turn (or an engine sampler); else the batch's KV cache, made by the first turn.
+        cached = (_CachedGroup() if self.sampler is None and self.settings.kv_cache and self._kv_reuse(model)
+                  else None)
         try:
             with torch.no_grad():
+                if self.sampler is not None:
+                    self.sampler.begin(model, policy_version, stats)
                 for turn in range(1, self.settings.max_turns + 1):
                     running = [e for e in episodes if e.stop_reason is None]
                     running = [e for e in running if self._has_room(e)]
@@ -352,6 +403,13 @@ class GroupGenerator:
                 rollouts.append(episode.builder.to_rollout(episode.reward, group_id,
                                                            policy_version=policy_version, metadata=metadata))
             groups.append(rollouts)
+        if self.sampler is not None:
+            model.eval()
+            try:
+                self.sampler.end(model, [r for rollouts in groups for r in rollouts], self.settings.temperature,
+                                 stats)
+            finally:
+                model.train(was_training)
         stats.seconds = time.perf_counter() - started
         return groups, stats
 
@@ -380,7 +438,11 @@ class GroupGenerator:
     def _sample_turn(self, model, episodes: list[_Episode], stats: GenerationStats,
                      cached: _CachedGroup | None) -> int:
         """Sample one assistant turn for every episode; returns the tokens kept."""
-        if cached is None:
+        if self.sampler is not None:
+            budgets = [self._budget(e) for e in episodes]
+            sampled, logprobs = self.sampler.sample([e.builder.prompt_ids() for e in episodes], budgets,
+                                                    episodes[0].builder.end_of_turn_id, self.settings, stats)
+        elif cached is None:
             sampled, logprobs, budgets = self._sample_turn_generate(model, episodes, stats)
         else:
             sampled, logprobs, budgets = self._sample_turn_cached(model, episodes, stats, cached)
