@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lit_echo.experiments.evaluation import METRIC_COLUMNS, task_success_rates
-from lit_echo.experiments.grid import QUICK, arms
+from lit_echo.experiments.evaluation import METRIC_COLUMNS, task_counts, task_success_rates
+from lit_echo.experiments.grid import FULL, QUICK, ROUND2, arms, online_config
 from lit_echo.experiments.intervals import (
     interval_of_mean,
     paired_difference_interval,
@@ -19,7 +19,7 @@ from lit_echo.experiments.intervals import (
     wilson_interval,
 )
 from lit_echo.experiments.report import markdown_table, series
-from lit_echo.experiments.results import COLUMNS, WARM_START, ResultsFile
+from lit_echo.experiments.results import COLUMNS, WARM_START, ResultsFile, TasksFile
 
 REPO = Path(__file__).resolve().parents[1]
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -84,7 +84,39 @@ def test_task_success_rates_read_an_evaluation_file(tmp_path):
                                                                                (5, False), (7, True)]]
     path.write_text("".join(json.dumps(line) + "\n" for line in lines))
     assert task_success_rates(path) == {3: 0.5, 5: 0.0, 7: 1.0}
+    assert task_counts(path) == {3: (1, 2), 5: (0, 2), 7: (1, 1)}
     assert task_success_rates(tmp_path / "missing.jsonl") == {}
+
+
+def test_tasks_file_round_trip_replaces_a_point_and_drops_a_run(tmp_path):
+    path = tmp_path / "tasks.csv"
+    tasks = TasksFile(path)
+    tasks.add(WARM_START, 0, 0, {"heldout_trees": {3: (1, 2), 5: (0, 2)}, "heldout_tasks": {1: (2, 2)}})
+    tasks.add("mask", 0, 16, {"heldout_trees": {3: (2, 2), 5: (1, 2)}, "heldout_tasks": {1: (0, 2)}})
+    TasksFile(path).add("mask", 0, 16, {"heldout_trees": {3: (0, 2), 5: (1, 2)}, "heldout_tasks": {1: (1, 2)}})
+    again = TasksFile(path)
+    assert again.rates("mask", 0, 16, "heldout_trees") == {3: 0.0, 5: 0.5}
+    assert again.rates(WARM_START, 0, 0, "heldout_tasks") == {1: 1.0}
+    assert again.rates("mask", 1, 16, "heldout_trees") == {} and len(again.rows) == 6
+    again.remove_run("mask", 0)
+    assert not TasksFile(path).has("mask", 0, 16) and TasksFile(path).has(WARM_START, 0, 0)
+    path.write_text("arm,seed,step,split,task,wins,episodes\nmask,0,16,heldout_trees,3,one,2\n")
+    with pytest.raises(ValueError, match=r"tasks\.csv:2: expected integers"):
+        TasksFile(path)
+
+
+def test_second_round_arms_and_sizes():
+    """Round 2: four arms from the same warm start and tasks as the first grid, 4x the online steps."""
+    assert [a.name for a in arms(ROUND2.online_steps, ROUND2.arm_set)] == ["mask", "echo_01", "echo_005", "paw_step"]
+    assert ROUND2.online_steps == 4 * FULL.online_steps and ROUND2.eval_steps() == [32, 64]
+    coefs = {a.name: online_config(ROUND2, a, 0, Path("r"), Path("w"))["model"]["world_coef"]
+             for a in arms(ROUND2.online_steps, ROUND2.arm_set)}
+    assert coefs == {"mask": 0.0, "echo_01": 0.01, "echo_005": 0.005, "paw_step": 1.0}
+    same = ("model", "seeds", "warm_start_steps", "group_size", "groups_per_step", "lr", "temperature",
+            "max_new_tokens", "max_turns", "eval_tasks", "eval_samples", "env_seed", "eval_torch_seed")
+    assert all(getattr(ROUND2, k) == getattr(FULL, k) for k in same)
+    with pytest.raises(ValueError, match="arm_set"):
+        arms(16, "third")
 
 
 def test_interval_of_mean_shrinks_with_more_runs():
@@ -237,10 +269,37 @@ def test_quick_grid_runs_every_arm_and_a_second_run_skips_everything(tmp_path, m
 
     csv_before = (out / "results.csv").read_bytes()
     stamps = {p: p.stat().st_mtime_ns for p in out.glob("**/done.json")}
-    again = main(["--quick", "--out", str(out)])
+    published = tmp_path / "published"
+    again = main(["--quick", "--out", str(out), "--publish", str(published)])
     assert again.trained == [] and again.evaluated == [] and again.failures == []
     assert (out / "results.csv").read_bytes() == csv_before
     assert {p: p.stat().st_mtime_ns for p in out.glob("**/done.json")} == stamps  # nothing retrained
+
+    # Another sitting on another machine: only the published files. Nothing is trained or evaluated again
+    # (not even the warm start), and the paired intervals come out the same from tasks.csv alone.
+    tasks = TasksFile(published / "tasks.csv")
+    assert all(tasks.has(r["arm"], int(r["seed"]), int(r["step"])) for r in rows)
+    elsewhere = tmp_path / "elsewhere"
+    resumed = main(["--quick", "--out", str(elsewhere), "--resume-from", str(published)])
+    assert resumed.trained == [] and resumed.evaluated == [] and resumed.failures == []
+    assert not (elsewhere / "warm_start").exists() and not (elsewhere / "evals").exists()
+    paired = [line for line in table.splitlines() if line.startswith(("| mask |", "- "))]
+    assert paired and [line for line in (elsewhere / "results.md").read_text().splitlines()
+                       if line.startswith(("| mask |", "- "))] == paired
+
+
+def test_a_grid_directory_made_before_new_spec_fields_is_still_accepted(tmp_path):
+    """spec.json written by a version without ``own_nll_episodes`` / ``arm_set``: those take their defaults."""
+    from lit_echo.experiments.compare import Grid
+
+    out = tmp_path / "grid"
+    out.mkdir()
+    old = {k: v for k, v in json.loads(json.dumps(FULL.to_json())).items() if k not in ("own_nll_episodes", "arm_set")}
+    (out / "spec.json").write_text(json.dumps(old))
+    Grid(FULL, out, REPO / "data" / "shellworld")
+    with pytest.raises(ValueError, match=r"other sizes \(differs in \['arm_set', 'eval_every', 'online_steps', "
+                                         r"'own_nll_episodes'\]\)"):
+        Grid(ROUND2, out, REPO / "data" / "shellworld")
 
 
 def test_the_command_refuses_another_grids_directory_and_missing_buffers_without_a_traceback(tmp_path):

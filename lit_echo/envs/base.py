@@ -48,10 +48,13 @@ The rules the generator follows, and the ones it expects the environment to foll
   With ``env_isolation="process"`` each instance lives in its own worker process, built there from an
   importable class and keyword arguments (:class:`EnvSpec`); a step over the limit gets the process killed
   and replaced. Use processes for environments you do not fully trust, or that can hang.
-* **close.** ``close()``, when defined, is called on instances the generator retires (after a timeout; in
-  thread mode it may then run while the hung step is still running, so it must be safe to call from another
-  thread) and on every instance at teardown (:meth:`GroupGenerator.close`). Errors in ``close`` are logged,
-  never raised.
+* **close.** ``close()``, when defined, is called once on each instance the generator retires and on every
+  instance at teardown (:meth:`GroupGenerator.close`). In thread mode an instance retired after a timeout is
+  closed only when its hung step has returned (by the thread that ran it), never while that step runs; one whose
+  step never returns is never closed. The exception: a teardown while a step is under way (Ctrl-C, an error
+  ending the fit in the middle of a turn) closes every instance in service, the stepping ones included, from
+  the trainer's thread; so ``close`` should still be safe to call from another thread. Errors in ``close``
+  are logged, never raised.
 """
 
 from __future__ import annotations

@@ -4,6 +4,8 @@
     python -m lit_echo.experiments.compare --quick            # the whole pipeline on the tiny model, ~1 min
     python -m lit_echo.experiments.compare --arms mask --seeds 0   # only part of the grid this sitting
     python -m lit_echo.experiments.compare --report-only --publish results   # the report of the rows so far
+    python -m lit_echo.experiments.compare --grid round2 --resume-from results/round2 --publish results/round2
+                                                              # the second round, continued from its published points
 
 Stages, each skipped when already done, so the grid can be spread over several sittings (a kill loses at most
 the run or evaluation in progress):
@@ -14,8 +16,13 @@ the run or evaluation in progress):
    log, TensorBoard, rollouts, an adapter every ``eval_every`` steps; ``done.json`` when finished; an unfinished
    run directory is deleted and the run starts over), then every exported adapter is evaluated
    (``OUT/evals/ARM-sSEED/step-N``: the held-out episodes) and its row appended to ``OUT/results.csv``;
-3. report: ``OUT/results.png`` and ``OUT/results.md`` from all rows so far (``--publish DIR`` copies the three
-   files there, e.g. ``results/``).
+3. report: ``OUT/results.png`` and ``OUT/results.md`` from all rows so far (``--publish DIR`` copies them there
+   with ``results.csv``, ``tasks.csv`` (per-task successes of every point, for the paired intervals) and
+   ``spec.json``, e.g. ``results/``).
+
+Sittings on other machines: ``--resume-from DIR`` starts an empty ``--out`` from the points published in DIR. A
+run whose points are all in ``results.csv`` and ``tasks.csv`` is finished, with or without its run directory; the
+warm start is trained again (deterministic: same seed, same data) only if a run still has to train.
 
 A run or evaluation that fails is reported at the end (exit status 1) and retried by the next invocation; the
 others go on. See :mod:`lit_echo.experiments.grid` for the arms and how the sizes were chosen.
@@ -25,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import dataclasses
 import functools
 import json
 import logging
@@ -39,16 +47,28 @@ from pathlib import Path
 
 import yaml
 
-from lit_echo.experiments.evaluation import METRICS_FILE, task_success_rates
-from lit_echo.experiments.grid import FULL, QUICK, Arm, GridSpec, arms, online_config, warm_start_config
+from lit_echo.experiments.evaluation import METRICS_FILE, task_counts, task_success_rates
+from lit_echo.experiments.grid import (
+    EVAL_SPLITS,
+    FULL,
+    QUICK,
+    ROUND2,
+    Arm,
+    GridSpec,
+    arms,
+    online_config,
+    warm_start_config,
+)
 from lit_echo.experiments.intervals import paired_difference_interval
 from lit_echo.experiments.report import markdown_table, plot
-from lit_echo.experiments.results import WARM_START, ResultsFile
+from lit_echo.experiments.results import WARM_START, ResultsFile, TasksFile
 
 log = logging.getLogger("lit_echo.experiments")
 
 DONE = "done.json"
 OUTPUTS = ("results.csv", "results.png", "results.md")
+PUBLISHED = (*OUTPUTS, "tasks.csv", "spec.json")  # what --publish copies; --resume-from reads the data files back
+GRIDS = {"first": FULL, "round2": ROUND2}
 _PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
@@ -135,21 +155,26 @@ class Grid:
         self.spec = spec
         self.out = out
         self.data_dir = data_dir
-        self.arms = arms(spec.online_steps)
+        self.arms = arms(spec.online_steps, spec.arm_set)
         for name in ("expert-train.jsonl.gz", "expert-heldout_trees.jsonl.gz"):
             if not (data_dir / name).is_file():
                 raise FileNotFoundError(f"{data_dir / name}: missing; --data-dir must hold the ShellWorld expert "
                                         "buffers (data/shellworld in the repository)")
         self._check_spec()
         self.results = ResultsFile(out / "results.csv")
+        self.tasks = TasksFile(out / "tasks.csv")
         self.summary = Summary()
 
     def _check_spec(self) -> None:
         path = self.out / "spec.json"
         wanted = self.spec.to_json()
         if path.exists():
-            found = json.loads(path.read_text())
-            if found != json.loads(json.dumps(wanted)):
+            # Fields added since a directory was made take their defaults (the sizes it ran with).
+            defaults = {f.name: f.default for f in dataclasses.fields(GridSpec)
+                        if f.default is not dataclasses.MISSING}
+            found = {**defaults, **json.loads(path.read_text())}
+            wanted = json.loads(json.dumps(wanted))  # as JSON holds it (tuples as lists)
+            if found != wanted:
                 changed = sorted(k for k in set(found) | set(wanted) if found.get(k) != wanted.get(k))
                 raise ValueError(f"{path}: this directory holds a grid with other sizes (differs in {changed}); "
                                  "use another --out directory, or delete it to start over")
@@ -189,39 +214,67 @@ class Grid:
             log.exception("evaluation of %s failed", name)
             self.summary.failures.append(f"evaluate {name}: {type(err).__name__}: {err}")
             return
+        self._record_tasks(arm, seed, step, point_dir)  # before the row: a row always has its tasks
         self.results.add(arm, seed, step, metrics)
         self.summary.evaluated.append(name)
+
+    def _record_tasks(self, arm: str, seed: int, step: int, point_dir: Path) -> None:
+        self.tasks.add(arm, seed, step, {split: task_counts(point_dir / f"{split}.jsonl") for split in EVAL_SPLITS})
+
+    def _backfill_tasks(self) -> None:
+        """Per-task successes of rows evaluated before ``tasks.csv`` existed, from their episode files."""
+        for row in self.results.rows:
+            arm, seed, step = str(row["arm"]), int(row["seed"]), int(row["step"])
+            point_dir = self._point_dir(arm, seed, step)
+            if not self.tasks.has(arm, seed, step) and (point_dir / f"{EVAL_SPLITS[0]}.jsonl").is_file():
+                self._record_tasks(arm, seed, step, point_dir)
+
+    def _point_dir(self, arm: str, seed: int, step: int) -> Path:
+        return self.out / "evals" / (WARM_START if arm == WARM_START else f"{arm}-s{seed}") / f"step-{step}"
+
+    def _evaluated(self, arm: str, seed: int, step: int) -> bool:
+        return self.results.has(arm, seed, step) and self.tasks.has(arm, seed, step)
+
+    def finished(self, arm: Arm, seed: int) -> bool:
+        """Every point of the run is in ``results.csv`` and ``tasks.csv`` (here or in an earlier sitting)."""
+        return all(self._evaluated(arm.name, seed, step) for step in self.spec.eval_steps())
 
     def warm_start(self) -> bool:
         root = self.warm_start_dir
         if not self._train(WARM_START, warm_start_config(self.spec, root, self.data_dir), root):
             return False
-        self._evaluate(WARM_START, 0, 0, root / "adapter", self.out / "evals" / WARM_START / "step-0")
+        self._evaluate(WARM_START, 0, 0, root / "adapter", self._point_dir(WARM_START, 0, 0))
         return True
 
     def online_run(self, arm: Arm, seed: int) -> None:
         name = f"{arm.name}-s{seed}"
         root = self.out / "runs" / name
         config = online_config(self.spec, arm, seed, root, self.warm_start_dir / "adapter")
+        if not (root / DONE).exists() and self.finished(arm, seed):
+            log.info("%s: every point evaluated in an earlier sitting; not trained again", name)
+            return
         if not (root / DONE).exists():  # (re)trained from scratch: rows of an earlier run of this name go
             self.results.remove_run(arm.name, seed)
+            self.tasks.remove_run(arm.name, seed)
         if not self._train(name, config, root):
             return
         for step in self.spec.eval_steps():
             self._evaluate(arm.name, seed, step, root / "adapters" / f"step-{step}",
-                           self.out / "evals" / name / f"step-{step}")
+                           self._point_dir(arm.name, seed, step))
 
     def report(self, publish: Path | None = None) -> None:
         spec = self.spec
         title = (f"ShellWorld, {spec.model}: {spec.online_steps} online steps x "
                  f"{spec.groups_per_step * spec.group_size} rollouts from a {spec.warm_start_steps}-step warm start; "
                  f"{len(spec.seeds)} training seed(s)")
+        self._backfill_tasks()
         plot(self.results.rows, self.arms, self.out / "results.png", title)
         (self.out / "results.md").write_text(self._table_text(title))
         if publish is not None:
             publish.mkdir(parents=True, exist_ok=True)
-            for name in OUTPUTS:
-                shutil.copyfile(self.out / name, publish / name)
+            for name in PUBLISHED:
+                if (self.out / name).exists():
+                    shutil.copyfile(self.out / name, publish / name)
 
     def _table_text(self, title: str) -> str:
         train_seconds = sum(json.loads(p.read_text())["seconds"] for p in self.out.glob("**/" + DONE))
@@ -238,9 +291,9 @@ class Grid:
                   f"training {train_seconds / 60:.1f} min, evaluation {eval_seconds / 60:.1f} min.\n")
 
     def _task_rates(self, arm: str, seed: int, step: int, split: str) -> dict[int, float]:
-        """Per-task success of one evaluation point, from the episodes kept under ``evals/``."""
-        name = WARM_START if arm == WARM_START else f"{arm}-s{seed}"
-        return task_success_rates(self.out / "evals" / name / f"step-{step}" / f"{split}.jsonl")
+        """Per-task success of one evaluation point: from ``tasks.csv``, else the episodes kept under ``evals/``."""
+        return (self.tasks.rates(arm, seed, step, split)
+                or task_success_rates(self._point_dir(arm, seed, step) / f"{split}.jsonl"))
 
     def _paired_text(self) -> str:
         """Success changes at the last step on the same held-out tasks: per arm (mean over its training seeds)
@@ -301,12 +354,28 @@ class Grid:
         if retired:
             raise ValueError(f"arm {retired[0].name} is retired: it {retired[0].retired}")
         selected = [a for a in self.arms if (arm_names is None or a.name in arm_names) and not a.retired]
-        if self.warm_start():
-            for seed in (self.spec.seeds if seeds is None else seeds):
-                for arm in selected:
-                    self.online_run(arm, seed)
+        runs = [(arm, seed) for seed in (self.spec.seeds if seeds is None else seeds) for arm in selected]
+        to_train = [(arm, seed) for arm, seed in runs
+                    if not (self.out / "runs" / f"{arm.name}-s{seed}" / DONE).exists() and not self.finished(arm, seed)]
+        if (not to_train and self._evaluated(WARM_START, 0, 0)) or self.warm_start():
+            for arm, seed in runs:
+                self.online_run(arm, seed)
         self.report(publish)
         return self.summary
+
+
+def _resume_from(published: Path, out: Path) -> None:
+    """Copy the data files of ``published`` into ``out`` unless ``out`` already holds results."""
+    if not (published / "results.csv").is_file():
+        raise SystemExit(f"error: --resume-from {published}: no results.csv there (a directory --publish wrote)")
+    if (out / "results.csv").exists():
+        log.info("--resume-from %s: %s already holds results; using those", published, out)
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    for name in ("spec.json", "results.csv", "tasks.csv"):
+        if (published / name).is_file():
+            shutil.copyfile(published / name, out / name)
+    log.info("--resume-from %s: %s starts from its points", published, out)
 
 
 def _names(text: str, known: list[str], what: str) -> list[str]:
@@ -321,8 +390,15 @@ def main(argv: list[str] | None = None) -> Summary:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true",
                         help="the tiny random model and tiny sizes: the pipeline in about a minute (not learning)")
+    parser.add_argument("--grid", default="first", choices=sorted(GRIDS),
+                        help="first: 16 online steps, five arms; round2: 64 steps, masking / ECHO 0.01 / ECHO 0.005 "
+                             "/ PaW (lit_echo.experiments.grid)")
     parser.add_argument("--out", default=None,
-                        help="grid directory (default: runs/compare; --quick: a new temporary directory)")
+                        help="grid directory (default: runs/compare, runs/compare-round2; --quick: a new temporary "
+                             "directory)")
+    parser.add_argument("--resume-from", default=None,
+                        help="a directory of published points (--publish): an --out without results starts from its "
+                             "results.csv, tasks.csv and spec.json")
     parser.add_argument("--data-dir", default="data/shellworld", help="ShellWorld expert buffers")
     parser.add_argument("--arms", default=None,
                         help="comma-separated arms to run now (default: all that are not retired)")
@@ -335,13 +411,15 @@ def main(argv: list[str] | None = None) -> Summary:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
 
-    spec = QUICK if args.quick else FULL
+    spec = QUICK if args.quick else GRIDS[args.grid]
     if args.out is not None:
         out = Path(args.out)
     elif args.quick:
         out = Path(tempfile.mkdtemp(prefix="lit-echo-compare-"))
     else:
-        out = Path("runs/compare")
+        out = Path("runs/compare" if args.grid == "first" else f"runs/compare-{args.grid}")
+    if args.resume_from is not None:
+        _resume_from(Path(args.resume_from), out)
     try:
         grid = Grid(spec, out.resolve(), Path(args.data_dir).resolve())
     except (ValueError, FileNotFoundError) as err:  # another grid's directory, missing buffers: say it, no trace

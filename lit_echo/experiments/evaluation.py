@@ -7,7 +7,8 @@ Per point:
   interval, valid-command rate and mean turns over ``eval_tasks`` tasks x ``eval_samples`` episodes; the
   episodes are kept as ``<split>.jsonl`` in the point's directory;
 * world NLL and top-1 accuracy on the OBSERVATION tokens of the fixed held-out expert buffer (``expert_*``) and
-  of the policy's own held-out episodes just played (``own_*``). An NLL over zero tokens is left empty.
+  of the policy's own held-out episodes just played (``own_*``; with ``spec.own_nll_episodes``, the first that
+  many of each split). An NLL over zero tokens is left empty.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import argparse
 import json
 import math
 import shutil
+import tempfile
 import time
 from pathlib import Path
 
@@ -77,8 +79,22 @@ def _play(policy, tokenizer, spec: GridSpec, split: str, path: Path) -> dict[str
             f"{split}_valid_action_rate": agent["valid_action_rate"], f"{split}_turns_mean": agent["turns_mean"]}
 
 
-def task_success_rates(path: Path) -> dict[int, float]:
-    """Success rate of each task seed among the episodes written to ``path`` by an evaluation ({} if absent)."""
+def _own_world(policy, tokenizer, spec: GridSpec, point_dir: Path) -> dict[str, float]:
+    """World metrics on the point's own episodes: all of them, or the first ``spec.own_nll_episodes`` of each
+    split (copied to a temporary directory, the point's files left as they are)."""
+    if spec.own_nll_episodes is None:
+        return _world(policy, tokenizer, point_dir, "own", spec.max_length)
+    with tempfile.TemporaryDirectory(prefix="lit-echo-own-") as tmp:
+        for split in EVAL_SPLITS:
+            with open(point_dir / f"{split}.jsonl") as src, open(Path(tmp) / f"{split}.jsonl", "w") as dst:
+                for _, line in zip(range(spec.own_nll_episodes), src):
+                    dst.write(line)
+        return _world(policy, tokenizer, Path(tmp), "own", spec.max_length)
+
+
+def task_counts(path: Path) -> dict[int, tuple[int, int]]:
+    """``(wins, episodes)`` of each task seed among the episodes written to ``path`` by an evaluation ({} if
+    absent)."""
     counts: dict[int, list[int]] = {}
     if not path.is_file():
         return {}
@@ -88,7 +104,12 @@ def task_success_rates(path: Path) -> dict[int, float]:
             count = counts.setdefault(int(metadata["env_seed"]), [0, 0])
             count[0] += bool(metadata.get("success"))
             count[1] += 1
-    return {seed: wins / total for seed, (wins, total) in counts.items()}
+    return {seed: (wins, total) for seed, (wins, total) in counts.items()}
+
+
+def task_success_rates(path: Path) -> dict[int, float]:
+    """Success rate of each task seed among the episodes written to ``path`` by an evaluation ({} if absent)."""
+    return {seed: wins / total for seed, (wins, total) in task_counts(path).items()}
 
 
 def evaluate_point(spec: GridSpec, adapter: Path, point_dir: Path, expert_buffer: Path) -> dict[str, float]:
@@ -107,7 +128,7 @@ def evaluate_point(spec: GridSpec, adapter: Path, point_dir: Path, expert_buffer
         for split in EVAL_SPLITS:
             row.update(_play(policy, tokenizer, spec, split, point_dir / f"{split}.jsonl"))
         row.update(_world(policy, tokenizer, expert_buffer, "expert", spec.max_length))
-        row.update(_world(policy, tokenizer, point_dir, "own", spec.max_length))
+        row.update(_own_world(policy, tokenizer, spec, point_dir))
     row["eval_seconds"] = round(time.perf_counter() - started, 1)
     return row
 

@@ -45,6 +45,21 @@ step, under new run names, so a grid directory holding the old runs cannot hand 
 ``world_coef`` 1, because PaW's per-group weight ``1 - mean_return/max_reward`` is the whole coefficient
 of its world term. A first seed-0 run at ``world_coef`` 0.05 (ECHO's value, shrinking PaW's term 20x) left the
 held-out expert NLL where the warm start had it (2.227 -> 2.237); it was discarded and retrained.
+
+Second round (:data:`ROUND2`, ``--grid round2``)
+------------------------------------------------
+Does a world term set the way the papers found stable beat masking when trained 4x longer? Same warm start, same
+tasks, same sampling and evaluation protocol as :data:`FULL`; 64 online steps, evaluated at 32 and 64 (and the
+shared step 0); arms (:func:`arms` with ``arm_set="round2"``): masking, ECHO at 0.01 and at 0.005 (ECHO's sweep
+found 0.01-0.05 productive, another team 0.005 stable where 0.05 was not), PaW with the selection over the step.
+The own-episode world NLL is scored on the first ``own_nll_episodes`` episodes of each split (50 of 100: it was
+half of each point's time). Arithmetic at the first grid's measured costs (~40 s per online step, ~7 min per
+point with the subsample): 12 runs x 64 steps = 8.5 core-hours of training, 24 points = 2.8 core-hours of
+evaluation: ~11 core-hours (about 5.5 hours on two cores), twice the 6 core-hours the round was given; the
+rollouts per step stay at 16 rather than grow. It is spread over sittings: ``--publish results/round2`` keeps
+every finished point (rows and per-task successes) in the repository, and ``--resume-from results/round2``
+starts a new grid directory (another machine, a later sitting) from them; runs whose points are all there are
+not trained again.
 """
 
 from __future__ import annotations
@@ -76,9 +91,21 @@ class Arm:
 PAW = {"world_coef": 1.0, "world_loss": "cmae", "paw_select_fraction": 0.75, "paw_reward_adaptive": True}
 
 
-def arms(online_steps: int) -> tuple[Arm, ...]:
-    """The arms (five trained, one retired); ``online_steps`` sets the length of the decaying-coefficient arm's
-    schedule."""
+ARM_SETS = ("first", "round2")
+
+
+def arms(online_steps: int, arm_set: str = "first") -> tuple[Arm, ...]:
+    """The arms of a grid: ``"first"`` (five trained, one retired; ``online_steps`` sets the length of the
+    decaying-coefficient arm's schedule) or ``"round2"`` (four)."""
+    if arm_set == "round2":
+        return (
+            Arm("mask", "action masking (world_coef 0)", {"world_coef": 0.0}),
+            Arm("echo_01", "ECHO (world_coef 0.01)", {"world_coef": 0.01}),
+            Arm("echo_005", "ECHO (world_coef 0.005)", {"world_coef": 0.005}),
+            Arm("paw_step", "PaW (clipped MAE, entropy selection 0.75 over the step, reward-adaptive weight)", PAW),
+        )
+    if arm_set != "first":
+        raise ValueError(f"arm_set: expected one of {ARM_SETS}, got {arm_set!r}")
     return (
         Arm("mask", "action masking (world_coef 0)", {"world_coef": 0.0}),
         Arm("echo", "ECHO (world_coef 0.05)", {"world_coef": 0.05}),
@@ -114,7 +141,9 @@ class GridSpec:
     ``max_total_tokens``, ``max_observation_chars``; ``max_length`` cuts training rows.
     Evaluation, per point and per held-out split (:data:`EVAL_SPLITS`): ``eval_tasks`` task seeds
     (0..eval_tasks-1) times ``eval_samples`` episodes, torch seed ``eval_torch_seed`` (identical for every point),
-    ``eval_tasks_per_batch`` tasks sampled together.
+    ``eval_tasks_per_batch`` tasks sampled together; the own-episode world NLL over the first
+    ``own_nll_episodes`` episodes of each split (None: all of them).
+    Arms: ``arm_set`` (:func:`arms`).
     """
 
     model: str
@@ -143,6 +172,8 @@ class GridSpec:
     env_seed: int = 100_000
     eval_torch_seed: int = 0
     eval_tasks_per_batch: int = 1
+    own_nll_episodes: int | None = None
+    arm_set: str = "first"
 
     def eval_steps(self) -> list[int]:
         """Online steps whose adapter is evaluated (the warm start, step 0, is evaluated once for all runs)."""
@@ -163,6 +194,8 @@ FULL = GridSpec(
     eval_tasks=50, eval_samples=2, micro_batch_size=4, eval_tasks_per_batch=16,
 )
 
+ROUND2 = dataclasses.replace(FULL, online_steps=64, eval_every=32, own_nll_episodes=50, arm_set="round2")
+
 # The whole pipeline with the tiny random model in about a minute on 2 cores: it checks the machinery, not
 # learning (a random policy almost never writes a valid command).
 QUICK = GridSpec(
@@ -170,7 +203,7 @@ QUICK = GridSpec(
     warm_start_steps=2, warm_start_batch=4, warm_start_lr=5e-3, warm_start_warmup=0,
     online_steps=2, eval_every=1, group_size=2, groups_per_step=1, lr=5e-3, temperature=1.0,
     max_new_tokens=8, max_turns=2, max_total_tokens=512, max_observation_chars=500, max_length=512,
-    eval_tasks=2, eval_samples=2,
+    eval_tasks=2, eval_samples=2, own_nll_episodes=2,  # the own-episode subsample path too
 )
 
 

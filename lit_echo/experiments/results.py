@@ -1,8 +1,11 @@
-"""``results.csv``: one row per evaluation point (arm, training seed, online step), rewritten atomically.
+"""``results.csv``: one row per evaluation point (arm, training seed, online step), rewritten atomically; and
+``tasks.csv``: per point, split and held-out task, the episodes played and won.
 
 The warm start is evaluated once, as arm ``warm_start``, seed 0, step 0; it is every arm's step 0. Each new row
 rewrites the whole (small) file through a temporary file and ``os.replace``, so a kill leaves either the old or
-the new file, never half a row, and a finished evaluation is never lost.
+the new file, never half a row, and a finished evaluation is never lost. ``tasks.csv`` is what the paired
+intervals need (the same tasks before and after), small enough to commit with the results, so a grid resumed
+elsewhere from published results still pairs its new points with the old ones.
 """
 
 from __future__ import annotations
@@ -85,13 +88,77 @@ class ResultsFile:
             fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
             rows = [r for r in self._read() if keep(r)] + new_rows
             rows.sort(key=lambda r: (r["arm"] != WARM_START, str(r["arm"]), r["seed"], r["step"]))
-            tmp = self.path.with_name(f"{self.path.name}.{os.getpid()}.tmp")
-            with open(tmp, "w", newline="") as fh:
-                writer = csv.writer(fh)
-                writer.writerow(COLUMNS)
-                for row in rows:
-                    writer.writerow([_format(row[name]) for name in COLUMNS])
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, self.path)
+            _write_atomically(self.path, COLUMNS, rows)
+            self.rows = rows
+
+
+def _write_atomically(path: Path, columns: list[str], rows: list[Row]) -> None:
+    """``rows`` as CSV to ``path`` through a temporary file and ``os.replace`` (the caller holds the lock)."""
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(columns)
+        for row in rows:
+            writer.writerow([_format(row[name]) for name in columns])
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+TASK_COLUMNS = ["arm", "seed", "step", "split", "task", "wins", "episodes"]
+
+
+class TasksFile:
+    """``tasks.csv``: per evaluation point and split, each task's episodes won and played (:meth:`rates`);
+    :meth:`add` replaces one point's tasks under the same lock-and-rewrite scheme as :class:`ResultsFile`."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self.rows: list[Row] = self._read()
+
+    def _read(self) -> list[Row]:
+        if not self.path.exists():
+            return []
+        rows: list[Row] = []
+        with open(self.path, newline="") as fh:
+            reader = csv.DictReader(fh)
+            if reader.fieldnames != TASK_COLUMNS:
+                raise ValueError(f"{self.path}: header {reader.fieldnames}; expected {TASK_COLUMNS}")
+            for line, record in enumerate(reader, start=2):
+                try:
+                    rows.append({"arm": record["arm"], "split": record["split"],
+                                 **{k: int(record[k]) for k in ("seed", "step", "task", "wins", "episodes")}})
+                except (TypeError, ValueError) as err:
+                    raise ValueError(f"{self.path}:{line}: expected integers in seed, step, task, wins, episodes "
+                                     f"({err})") from err
+        return rows
+
+    def has(self, arm: str, seed: int, step: int) -> bool:
+        return any((r["arm"], r["seed"], r["step"]) == (arm, seed, step) for r in self.rows)
+
+    def rates(self, arm: str, seed: int, step: int, split: str) -> dict[int, float]:
+        """Success rate of each task of one point and split ({} when the point is not here)."""
+        return {int(r["task"]): r["wins"] / r["episodes"] for r in self.rows
+                if (r["arm"], r["seed"], r["step"], r["split"]) == (arm, seed, step, split) and r["episodes"]}
+
+    def remove_run(self, arm: str, seed: int) -> None:
+        """Drop every point of run ``arm`` seed ``seed``."""
+        if any((r["arm"], r["seed"]) == (arm, seed) for r in self._read()):
+            self._rewrite(lambda r: (r["arm"], r["seed"]) != (arm, seed), [])
+
+    def add(self, arm: str, seed: int, step: int, tasks: dict[str, dict[int, tuple[int, int]]]) -> None:
+        """``tasks``: split -> task seed -> (wins, episodes) of one point (its earlier rows are replaced)."""
+        new = [{"arm": arm, "seed": seed, "step": step, "split": split, "task": task, "wins": wins,
+                "episodes": episodes}
+               for split, per_task in tasks.items() for task, (wins, episodes) in sorted(per_task.items())]
+        self._rewrite(lambda r: (r["arm"], r["seed"], r["step"]) != (arm, seed, step), new)
+
+    def _rewrite(self, keep, new_rows: list[Row]) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path.with_name(self.path.name + ".lock"), "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            rows = [r for r in self._read() if keep(r)] + new_rows
+            rows.sort(key=lambda r: (r["arm"] != WARM_START, str(r["arm"]), r["seed"], r["step"], str(r["split"]),
+                                     r["task"]))
+            _write_atomically(self.path, TASK_COLUMNS, rows)
             self.rows = rows
