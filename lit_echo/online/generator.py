@@ -136,7 +136,8 @@ class GenerationStats:
     included), ``prefill_tokens`` the prompt positions its prefix cache did not hold; ``engine_start_s``,
     ``sync_s`` (handing the policy to the engine) and ``rescore_s`` (the trainer's no-grad forward over the
     rollouts) are their own phases; ``logprob_*`` compare the engine's ACTION log-probs with the trainer's over
-    ``logprob_tokens`` tokens (sum of absolute differences, their maximum, sum of k3 KL terms).
+    ``logprob_tokens`` tokens (sum of absolute differences, their maximum, sum of k3 KL terms). ``seconds``
+    then includes sync and rescoring but not the engine's start-up.
     """
 
     rollouts: int = 0
@@ -370,6 +371,7 @@ class GroupGenerator:
             with torch.no_grad():
                 if self.sampler is not None:
                     self.sampler.begin(model, policy_version, stats)
+                    started += stats.engine_start_s  # start-up is its own phase, not generation time
                 for turn in range(1, self.settings.max_turns + 1):
                     running = [e for e in episodes if e.stop_reason is None]
                     running = [e for e in running if self._has_room(e)]
