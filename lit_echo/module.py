@@ -29,6 +29,7 @@ from lightning.pytorch.trainer.states import TrainerFn
 from torch.nn.modules.module import _IncompatibleKeys
 
 from lit_echo import models
+from lit_echo.entropy_guard import EntropyGuard
 from lit_echo.logprobs import default_chunk_size, target_logprobs
 from lit_echo.losses import (
     LossConfig,
@@ -168,6 +169,12 @@ class EchoModule(L.LightningModule):
         world_decay_steps: length of the "linear" schedule in optimizer steps.
         world_gamma: factor of the "step" schedule.
         world_step_size: optimizer steps between the "step" schedule's decays.
+        world_entropy_guard: scale the (scheduled) world_coef down while the policy's smoothed action entropy is
+            more than this fraction above its mean over the first world_entropy_guard_steps steps: untouched up to
+            that rise, 0 at twice it (:mod:`lit_echo.entropy_guard`; logged as world/entropy_guard). None: off.
+        world_entropy_guard_steps: steps whose mean action entropy is the guard's reference.
+        world_entropy_guard_smoothing: decay of the guard's moving average of the per-step action entropy (0.95:
+            about 20 steps; a step's entropy depends a lot on its tasks).
         policy_coef: weight of the policy-gradient loss; 0 = verifier-free world-model-only training.
         world_target: tokens of the world loss: "env_only" (OBSERVATION) or "all" (OBSERVATION and WARNING).
         world_norm: normalizer of the world loss: "full_observation" (each sequence's sum over all its
@@ -221,6 +228,9 @@ class EchoModule(L.LightningModule):
         world_decay_steps: int = 1000,
         world_gamma: float = 0.5,
         world_step_size: int = 100,
+        world_entropy_guard: float | None = None,
+        world_entropy_guard_steps: int = 8,
+        world_entropy_guard_smoothing: float = 0.95,
         policy_coef: float = 1.0,
         world_target: Literal["env_only", "all"] = "env_only",
         world_norm: Literal["full_observation", "selected", "token_mean"] = "full_observation",
@@ -264,6 +274,9 @@ class EchoModule(L.LightningModule):
         self.world_coef_at = WorldCoefSchedule(kind=world_schedule, world_coef=world_coef,
                                                final_coef=world_final_coef, decay_steps=world_decay_steps,
                                                gamma=world_gamma, step_size=world_step_size)
+        self.entropy_guard = None if world_entropy_guard is None else EntropyGuard(
+            max_rise=world_entropy_guard, reference_steps=world_entropy_guard_steps,
+            smoothing=world_entropy_guard_smoothing)
         _check_range("temperature", temperature, low=0, low_open=True)
         _check_range("lr", lr, low=0, low_open=True)
         _check_range("weight_decay", weight_decay, low=0)
@@ -319,6 +332,8 @@ class EchoModule(L.LightningModule):
         opt = self.optimizers()
         lr = opt.param_groups[0]["lr"]  # the rate this step's update uses
         world_coef = self.world_coef_at(self.global_step)  # this step's scheduled coefficient, used and logged
+        if self.entropy_guard is not None:  # from earlier steps only: the same on every rank
+            world_coef *= self.entropy_guard.factor()
         world_size = self.trainer.world_size
 
         def backward(loss: torch.Tensor, last: bool) -> None:
@@ -340,7 +355,9 @@ class EchoModule(L.LightningModule):
             scheduler = self.lr_schedulers()
             if scheduler is not None:
                 scheduler.step()
-        self._log_step(batch, sums, step_loss, lr, world_coef, started)
+        stats = self._log_step(batch, sums, step_loss, lr, world_coef, started)
+        if self.entropy_guard is not None and "policy/entropy" in stats:
+            self.entropy_guard.update(stats["policy/entropy"])
         return step_loss
 
     def forward_backward(self, batch: dict[str, Any], backward: Callable[[torch.Tensor, bool], None], *,
@@ -459,8 +476,9 @@ class EchoModule(L.LightningModule):
                 "max_nonfinite_steps.")
 
     def _log_step(self, batch, sums: dict[str, torch.Tensor], step_loss: torch.Tensor, lr: float,
-                  world_coef: float, started: float) -> None:
-        """Exact step metrics over every micro-batch and rank: one all-reduce and one host transfer per step."""
+                  world_coef: float, started: float) -> dict[str, float]:
+        """Exact step metrics over every micro-batch and rank: one all-reduce and one host transfer per step.
+        Returns the logged values (the same on every rank)."""
         names = list(sums)
         totals = self.trainer.strategy.reduce(torch.stack([sums[n].float() for n in names]), reduce_op="sum")
         values = dict(zip(names, totals.unbind()))
@@ -496,6 +514,8 @@ class EchoModule(L.LightningModule):
         # world term, whatever the schedule's starting value.
         if m["policy_scale"] > 0 and self.world_coef_at.ever_positive:
             stats["world/policy_ratio"] = m["world_policy_ratio"]
+        if self.entropy_guard is not None:
+            stats["world/entropy_guard"] = self.entropy_guard.factor()
         if "paw_weight" in m:
             stats["world/paw_weight_mean"] = m["paw_weight"] / m["rows"]
         if m.get("paw_target_tokens", 0) > 0:
@@ -509,6 +529,7 @@ class EchoModule(L.LightningModule):
             progress["world_nll"] = stats["world/nll_observation"]
         self.log_dict(progress, prog_bar=True, logger=False, on_step=True, on_epoch=False, sync_dist=False,
                       batch_size=rows)
+        return stats
 
     # ------------------------------------------------------------------ validation: the world model
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
@@ -595,9 +616,14 @@ class EchoModule(L.LightningModule):
         trainable = {f"model.{name}" for name, _ in models.trainable_parameters(self.model)}
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
         checkpoint["lit_echo"] = {"nonfinite_total": self.nonfinite_total}
+        if self.entropy_guard is not None:
+            checkpoint["lit_echo"]["entropy_guard"] = self.entropy_guard.state_dict()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        self.nonfinite_total = checkpoint.get("lit_echo", {}).get("nonfinite_total", 0)
+        state = checkpoint.get("lit_echo", {})
+        self.nonfinite_total = state.get("nonfinite_total", 0)
+        if self.entropy_guard is not None and "entropy_guard" in state:
+            self.entropy_guard.load_state_dict(state["entropy_guard"])
 
     def load_state_dict(self, state_dict: dict[str, Any], strict: bool = True, assign: bool = False):
         """Load a checkpoint of this module: the adapter tensors; the frozen base stays as it was loaded.

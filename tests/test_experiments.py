@@ -106,12 +106,15 @@ def test_tasks_file_round_trip_replaces_a_point_and_drops_a_run(tmp_path):
 
 
 def test_second_round_arms_and_sizes():
-    """Round 2: four arms from the same warm start and tasks as the first grid, 4x the online steps."""
-    assert [a.name for a in arms(ROUND2.online_steps, ROUND2.arm_set)] == ["mask", "echo_01", "echo_005", "paw_step"]
+    """Round 2: five arms from the same warm start and tasks as the first grid, 4x the online steps."""
+    assert [a.name for a in arms(ROUND2.online_steps, ROUND2.arm_set)] == [
+        "mask", "echo_01", "echo_005", "paw_step", "echo_01_guard"]
     assert ROUND2.online_steps == 4 * FULL.online_steps and ROUND2.eval_steps() == [32, 64]
     coefs = {a.name: online_config(ROUND2, a, 0, Path("r"), Path("w"))["model"]["world_coef"]
              for a in arms(ROUND2.online_steps, ROUND2.arm_set)}
-    assert coefs == {"mask": 0.0, "echo_01": 0.01, "echo_005": 0.005, "paw_step": 1.0}
+    assert coefs == {"mask": 0.0, "echo_01": 0.01, "echo_005": 0.005, "paw_step": 1.0, "echo_01_guard": 0.01}
+    guarded = online_config(ROUND2, arms(ROUND2.online_steps, ROUND2.arm_set)[-1], 0, Path("r"), Path("w"))
+    assert guarded["model"]["world_entropy_guard"] == 0.1
     same = ("model", "seeds", "warm_start_steps", "group_size", "groups_per_step", "lr", "temperature",
             "max_new_tokens", "max_turns", "eval_tasks", "eval_samples", "env_seed", "eval_torch_seed")
     assert all(getattr(ROUND2, k) == getattr(FULL, k) for k in same)

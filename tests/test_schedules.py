@@ -83,3 +83,43 @@ def test_selection_per_sequence_and_without_actions():
     mask = select_transitions_by_entropy(entropy, roles, fraction=0.5)  # 3 candidates -> keep 2
     assert mask.tolist() == [[False, True], [False, True], [False, False], [False, False]]
     assert select_transitions_by_entropy(entropy, roles, fraction=1.0)[2, 1]  # scored last, still kept at 1.0
+
+
+def test_entropy_guard_factor_follows_the_smoothed_rise():
+    from lit_echo.entropy_guard import EntropyGuard
+
+    guard = EntropyGuard(max_rise=0.1, reference_steps=2, smoothing=0.5)
+    assert guard.factor() == 1.0 and guard.rise is None
+    guard.update(0.30)
+    assert guard.factor() == 1.0 and guard.reference is None  # no reference yet: untouched
+    guard.update(0.50)
+    assert guard.reference == pytest.approx(0.40) and guard.smoothed == pytest.approx(0.40)
+    assert guard.factor() == 1.0
+    guard.update(0.48)  # smoothed 0.44: a rise of exactly 10% -> still 1
+    assert guard.rise == pytest.approx(0.10) and guard.factor() == pytest.approx(1.0)
+    guard.update(0.52)  # smoothed 0.48: +20% -> 0
+    assert guard.rise == pytest.approx(0.20) and guard.factor() == pytest.approx(0.0)
+    guard.update(0.40)  # smoothed 0.44 -> back to 1
+    assert guard.factor() == pytest.approx(1.0)
+    guard.update(0.48)  # smoothed 0.46: +15% -> halfway
+    assert guard.factor() == pytest.approx(0.5)
+    guard.update(float("nan"))  # a step without a number changes nothing
+    assert guard.factor() == pytest.approx(0.5)
+    copy = EntropyGuard(max_rise=0.1, reference_steps=2, smoothing=0.5)
+    copy.load_state_dict(guard.state_dict())
+    assert copy.state_dict() == guard.state_dict() and copy.factor() == guard.factor()
+    falling = EntropyGuard(max_rise=0.1, reference_steps=1, smoothing=0.0)
+    falling.update(0.4)
+    falling.update(0.1)  # entropy falling never shrinks the world term
+    assert falling.factor() == 1.0
+
+
+def test_entropy_guard_rejects_bad_settings():
+    from lit_echo.entropy_guard import EntropyGuard
+
+    with pytest.raises(ValueError, match="world_entropy_guard: expected a relative rise > 0"):
+        EntropyGuard(max_rise=0.0)
+    with pytest.raises(ValueError, match="world_entropy_guard_steps"):
+        EntropyGuard(max_rise=0.1, reference_steps=0)
+    with pytest.raises(ValueError, match="world_entropy_guard_smoothing"):
+        EntropyGuard(max_rise=0.1, smoothing=1.0)

@@ -392,7 +392,7 @@ def main(argv: list[str] | None = None) -> Summary:
                         help="the tiny random model and tiny sizes: the pipeline in about a minute (not learning)")
     parser.add_argument("--grid", default="first", choices=sorted(GRIDS),
                         help="first: 16 online steps, five arms; round2: 64 steps, masking / ECHO 0.01 / ECHO 0.005 "
-                             "/ PaW (lit_echo.experiments.grid)")
+                             "/ PaW / ECHO 0.01 with an entropy guard (lit_echo.experiments.grid)")
     parser.add_argument("--out", default=None,
                         help="grid directory (default: runs/compare, runs/compare-round2; --quick: a new temporary "
                              "directory)")
