@@ -1,8 +1,9 @@
 """Entropy guard: scale the world term down while the policy's action entropy rises above where it started.
 
-Pure Python. Why: in lit_echo's ShellWorld grids the policy's action entropy rose in the order of the world term's
-strength (ECHO 0.05 > 0.01 > masking); another team saw ECHO's world term collapse a larger model at 0.05 and not at
-0.005. A fixed coefficient cannot tell the two regimes apart; the guard looks at the run itself.
+Pure Python. Why: in lit_echo's first ShellWorld grid (16 steps) the policy's action entropy rose in the order of
+the world term's strength (world-model-only > ECHO 0.05 > decayed ECHO > PaW > masking); another team saw ECHO's
+world term collapse a larger model at 0.05 and not at 0.005. A fixed coefficient cannot tell the two regimes
+apart; the guard looks at the run itself.
 
 The rule, per optimizer step ``s`` (entropies are the mean full-vocabulary entropy of the policy on the ACTION
 tokens it trains on, ``policy/entropy``, measured before that step's update):

@@ -365,7 +365,7 @@ def test_entropy_guard_survives_a_checkpoint(tiny_checkpoint, tmp_path):
     ckpt = tmp_path / "b" / "step3.ckpt"
     trainer.save_checkpoint(ckpt)
     assert torch.load(ckpt, weights_only=False)["lit_echo"]["entropy_guard"] == module.entropy_guard.state_dict()
-    _, resumed, rest = _fit(tiny_checkpoint, tmp_path / "b", 6, resume=str(ckpt), **GUARD)
+    _, _, rest = _fit(tiny_checkpoint, tmp_path / "b", 6, resume=str(ckpt), **GUARD)
     assert first + rest == pytest.approx(full, rel=1e-5, abs=1e-6)
 
 
