@@ -19,7 +19,7 @@ from lit_echo.experiments.intervals import (
     wilson_interval,
 )
 from lit_echo.experiments.report import markdown_table, series
-from lit_echo.experiments.results import COLUMNS, WARM_START, ResultsFile, TasksFile
+from lit_echo.experiments.results import COLUMNS, WARM_START, ResultsFile, TasksFile, TrainingFile
 
 REPO = Path(__file__).resolve().parents[1]
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -103,6 +103,24 @@ def test_tasks_file_round_trip_replaces_a_point_and_drops_a_run(tmp_path):
     path.write_text("arm,seed,step,split,task,wins,episodes\nmask,0,16,heldout_trees,3,one,2\n")
     with pytest.raises(ValueError, match=r"tasks\.csv:2: expected integers"):
         TasksFile(path)
+
+
+def test_training_file_keeps_every_training_and_names_a_bad_line(tmp_path):
+    path = tmp_path / "training.csv"
+    TrainingFile(path).add(WARM_START, 382.44)
+    TrainingFile(path).add("mask-s0", 4021.4)
+    TrainingFile(path).add(WARM_START, 390.0)  # trained again: that time was spent too
+    again = TrainingFile(path)
+    assert [(r["run"], r["seconds"]) for r in again.rows] == [(WARM_START, 382.4), ("mask-s0", 4021.4),
+                                                               (WARM_START, 390.0)]
+    assert again.seconds == pytest.approx(382.4 + 4021.4 + 390.0)
+    assert again.has("mask-s0", 4021.4) and not again.has("mask-s0", 4000.0)
+    path.write_text("run,seconds\nmask-s0,4021.4\nmask-s1,an hour\n")
+    with pytest.raises(ValueError, match=r"training\.csv:3: column seconds: expected a number"):
+        TrainingFile(path)
+    path.write_text("run,seconds\n,12\n")
+    with pytest.raises(ValueError, match=r"training\.csv:2: expected a run name"):
+        TrainingFile(path)
 
 
 def test_second_round_arms_and_sizes():
@@ -289,6 +307,14 @@ def test_quick_grid_runs_every_arm_and_a_second_run_skips_everything(tmp_path, m
     paired = [line for line in table.splitlines() if line.startswith(("| mask |", "- "))]
     assert paired and [line for line in (elsewhere / "results.md").read_text().splitlines()
                        if line.startswith(("| mask |", "- "))] == paired
+    # The cost line counts every training of the grid, also where the run directories are gone.
+    trainings = TrainingFile(published / "training.csv").rows
+    assert sorted(r["run"] for r in trainings) == sorted(["warm_start"] + [f"{n}-s0" for n in names])
+    assert all(r["seconds"] > 0 for r in trainings)
+    cost = [line for line in table.splitlines() if line.startswith("Compute spent")]
+    assert len(cost) == 1 and f"training {sum(r['seconds'] for r in trainings) / 60:.1f} min" in cost[0]
+    assert [line for line in (elsewhere / "results.md").read_text().splitlines()
+            if line.startswith("Compute spent")] == cost
 
 
 def test_a_grid_directory_made_before_new_spec_fields_is_still_accepted(tmp_path):

@@ -11,18 +11,20 @@ Stages, each skipped when already done, so the grid can be spread over several s
 the run or evaluation in progress):
 
 1. warm start (``OUT/warm_start``): SmolLM2 + LoRA on scripted-expert rollouts, shared by every run;
-   ``done.json`` marks it finished, and it is evaluated once as every arm's step 0;
+   ``done.json`` marks it finished (and ``OUT/training.csv`` gets a row with its seconds), and it is evaluated
+   once as every arm's step 0;
 2. per training seed, per arm: an online ``lit-echo fit`` in its own process (``OUT/runs/ARM-sSEED``, config,
    log, TensorBoard, rollouts, an adapter every ``eval_every`` steps; ``done.json`` when finished; an unfinished
    run directory is deleted and the run starts over), then every exported adapter is evaluated
    (``OUT/evals/ARM-sSEED/step-N``: the held-out episodes) and its row appended to ``OUT/results.csv``;
 3. report: ``OUT/results.png`` and ``OUT/results.md`` from all rows so far (``--publish DIR`` copies them there
-   with ``results.csv``, ``tasks.csv`` (per-task successes of every point, for the paired intervals) and
-   ``spec.json``, e.g. ``results/``).
+   with ``results.csv``, ``tasks.csv`` (per-task successes of every point, for the paired intervals),
+   ``training.csv`` (seconds of every training, for the cost line) and ``spec.json``, e.g. ``results/``).
 
 Sittings on other machines: ``--resume-from DIR`` starts an empty ``--out`` from the points published in DIR. A
 run whose points are all in ``results.csv`` and ``tasks.csv`` is finished, with or without its run directory; the
-warm start is trained again (deterministic: same seed, same data) only if a run still has to train.
+warm start is trained again (deterministic: same seed, same data, the same evaluation to the last digit when this
+was checked on round 2) only if a run still has to train; that retrain is a row of ``training.csv`` like any.
 
 A run or evaluation that fails is reported at the end (exit status 1) and retried by the next invocation; the
 others go on. See :mod:`lit_echo.experiments.grid` for the arms and how the sizes were chosen.
@@ -61,13 +63,14 @@ from lit_echo.experiments.grid import (
 )
 from lit_echo.experiments.intervals import paired_difference_interval
 from lit_echo.experiments.report import markdown_table, plot
-from lit_echo.experiments.results import WARM_START, ResultsFile, TasksFile
+from lit_echo.experiments.results import WARM_START, ResultsFile, TasksFile, TrainingFile
 
 log = logging.getLogger("lit_echo.experiments")
 
 DONE = "done.json"
 OUTPUTS = ("results.csv", "results.png", "results.md")
-PUBLISHED = (*OUTPUTS, "tasks.csv", "spec.json")  # what --publish copies; --resume-from reads the data files back
+# What --publish copies; --resume-from reads the data files back.
+PUBLISHED = (*OUTPUTS, "tasks.csv", "training.csv", "spec.json")
 GRIDS = {"first": FULL, "round2": ROUND2}
 _PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
@@ -163,6 +166,7 @@ class Grid:
         self._check_spec()
         self.results = ResultsFile(out / "results.csv")
         self.tasks = TasksFile(out / "tasks.csv")
+        self.training = TrainingFile(out / "training.csv")
         self.summary = Summary()
 
     def _check_spec(self) -> None:
@@ -200,6 +204,7 @@ class Grid:
             self.summary.failures.append(f"train {name}")
             return False
         log.info("trained %s in %.0f s", name, seconds)
+        self.training.add(name, seconds)
         self.summary.trained.append(name)
         return True
 
@@ -228,6 +233,14 @@ class Grid:
             point_dir = self._point_dir(arm, seed, step)
             if not self.tasks.has(arm, seed, step) and (point_dir / f"{EVAL_SPLITS[0]}.jsonl").is_file():
                 self._record_tasks(arm, seed, step, point_dir)
+
+    def _backfill_training(self) -> None:
+        """Ledger rows for finished runs here that lack one (trained by a version without ``training.csv``)."""
+        for done in sorted(self.out.glob("**/" + DONE)):
+            name = done.parent.name  # "warm_start" or "<arm>-s<seed>"
+            seconds = float(json.loads(done.read_text())["seconds"])
+            if not self.training.has(name, seconds):
+                self.training.add(name, seconds)
 
     def _point_dir(self, arm: str, seed: int, step: int) -> Path:
         return self.out / "evals" / (WARM_START if arm == WARM_START else f"{arm}-s{seed}") / f"step-{step}"
@@ -268,6 +281,7 @@ class Grid:
                  f"{spec.groups_per_step * spec.group_size} rollouts from a {spec.warm_start_steps}-step warm start; "
                  f"{len(spec.seeds)} training seed(s)")
         self._backfill_tasks()
+        self._backfill_training()
         plot(self.results.rows, self.arms, self.out / "results.png", title)
         (self.out / "results.md").write_text(self._table_text(title))
         if publish is not None:
@@ -277,7 +291,7 @@ class Grid:
                     shutil.copyfile(self.out / name, publish / name)
 
     def _table_text(self, title: str) -> str:
-        train_seconds = sum(json.loads(p.read_text())["seconds"] for p in self.out.glob("**/" + DONE))
+        train_seconds = self.training.seconds
         eval_seconds = sum(float(r["eval_seconds"]) for r in self.results.rows)
         spec = self.spec
         return (f"{title}.\n\n"
@@ -287,8 +301,9 @@ class Grid:
                 f"{spec.eval_tasks} tasks x {spec.eval_samples} episodes at temperature {spec.temperature}.\n\n"
                 + markdown_table(self.results.rows, self.arms)
                 + self._paired_text()
-                + "\nCompute time of the runs and points in this directory (one core each): "
-                  f"training {train_seconds / 60:.1f} min, evaluation {eval_seconds / 60:.1f} min.\n")
+                + "\nCompute spent on this grid over all its sittings (one core each, runs trained again "
+                  f"included; the trainings are in `training.csv`): training {train_seconds / 60:.1f} min, "
+                  f"evaluation of the points above {eval_seconds / 60:.1f} min.\n")
 
     def _task_rates(self, arm: str, seed: int, step: int, split: str) -> dict[int, float]:
         """Per-task success of one evaluation point: from ``tasks.csv``, else the episodes kept under ``evals/``."""
@@ -372,7 +387,7 @@ def _resume_from(published: Path, out: Path) -> None:
         log.info("--resume-from %s: %s already holds results; using those", published, out)
         return
     out.mkdir(parents=True, exist_ok=True)
-    for name in ("spec.json", "results.csv", "tasks.csv"):
+    for name in ("spec.json", "results.csv", "tasks.csv", "training.csv"):
         if (published / name).is_file():
             shutil.copyfile(published / name, out / name)
     log.info("--resume-from %s: %s starts from its points", published, out)

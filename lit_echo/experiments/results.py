@@ -1,5 +1,6 @@
 """``results.csv``: one row per evaluation point (arm, training seed, online step), rewritten atomically; and
-``tasks.csv``: per point, split and held-out task, the episodes played and won.
+``tasks.csv``: per point, split and held-out task, the episodes played and won; and ``training.csv``: one row per
+finished training run with its seconds, so the compute a grid cost survives being published and resumed.
 
 The warm start is evaluated once, as arm ``warm_start``, seed 0, step 0; it is every arm's step 0. Each new row
 rewrites the whole (small) file through a temporary file and ``os.replace``, so a kill leaves either the old or
@@ -161,4 +162,56 @@ class TasksFile:
             rows.sort(key=lambda r: (r["arm"] != WARM_START, str(r["arm"]), r["seed"], r["step"], str(r["split"]),
                                      r["task"]))
             _write_atomically(self.path, TASK_COLUMNS, rows)
+            self.rows = rows
+
+
+TRAINING_COLUMNS = ["run", "seconds"]
+
+
+class TrainingFile:
+    """``training.csv``: one row per finished training (warm start or online run) and the seconds it took.
+
+    A ledger of compute spent, not of results: a run trained again (a lost directory, a changed recipe) adds a
+    second row, because that time was spent too. Published with the results and read back by ``--resume-from``,
+    so the cost of a grid trained over several sittings and machines is not lost with their run directories.
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self.rows: list[Row] = self._read()
+
+    def _read(self) -> list[Row]:
+        if not self.path.exists():
+            return []
+        rows: list[Row] = []
+        with open(self.path, newline="") as fh:
+            reader = csv.DictReader(fh)
+            if reader.fieldnames != TRAINING_COLUMNS:
+                raise ValueError(f"{self.path}: header {reader.fieldnames}; expected {TRAINING_COLUMNS}")
+            for line, record in enumerate(reader, start=2):
+                try:
+                    seconds = float(record["seconds"])
+                except (TypeError, ValueError) as err:
+                    raise ValueError(f"{self.path}:{line}: column seconds: expected a number of seconds "
+                                     f"({err})") from err
+                if not record["run"] or not seconds >= 0:
+                    raise ValueError(f"{self.path}:{line}: expected a run name and seconds >= 0, got "
+                                     f"{record['run']!r}, {record['seconds']!r}")
+                rows.append({"run": record["run"], "seconds": seconds})
+        return rows
+
+    @property
+    def seconds(self) -> float:
+        return sum(float(r["seconds"]) for r in self.rows)
+
+    def has(self, run: str, seconds: float) -> bool:
+        return any(r["run"] == run and abs(float(r["seconds"]) - seconds) < 0.05 for r in self.rows)
+
+    def add(self, run: str, seconds: float) -> None:
+        """Append one finished training (under the lock, re-reading the file: grids may share it)."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path.with_name(self.path.name + ".lock"), "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            rows = self._read() + [{"run": run, "seconds": round(float(seconds), 1)}]
+            _write_atomically(self.path, TRAINING_COLUMNS, rows)
             self.rows = rows
