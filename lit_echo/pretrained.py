@@ -149,7 +149,10 @@ def _convert_smollm2(target: Path) -> None:
     tokenizer = _smollm2_tokenizer_from_gguf(gguf)
     gguf_model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
     # A GGUF-loaded model refuses save_pretrained; a fresh model from the same config takes its weights and saves.
-    model = AutoModelForCausalLM.from_config(gguf_model.config, dtype=torch.float32)
+    # Its random initialisation (overwritten at once) must not move the caller's random state: the first run on a
+    # machine converts inside its own process, after seed_everything, and must continue exactly like later runs.
+    with torch.random.fork_rng(devices=[]):
+        model = AutoModelForCausalLM.from_config(gguf_model.config, dtype=torch.float32)
     model.load_state_dict(gguf_model.state_dict())
     for config in (model.config, model.generation_config):
         config.eos_token_id = tokenizer.eos_token_id

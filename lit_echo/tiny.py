@@ -52,7 +52,9 @@ def build_tiny_tokenizer(vocab_size: int = 2048):
 
 def build_tiny_model(vocab_size: int, *, hidden_size: int = 128, num_layers: int = 2, seed: int = 0,
                      architecture: str = "qwen2"):
-    """A randomly initialised Qwen2 (q/k/v biases, which the 4-bit tests need) or Llama causal LM."""
+    """A randomly initialised Qwen2 (q/k/v biases, which the 4-bit tests need) or Llama causal LM, drawn from
+    ``seed`` without touching the caller's random state (a run that builds the cached ``"tiny-random"`` on first
+    use must continue exactly like one that finds it cached)."""
     import torch
     from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
 
@@ -61,8 +63,9 @@ def build_tiny_model(vocab_size: int, *, hidden_size: int = 128, num_layers: int
                  num_hidden_layers=num_layers, num_attention_heads=4, num_key_value_heads=2,
                  max_position_embeddings=2048, tie_word_embeddings=True, pad_token_id=0, eos_token_id=2,
                  bos_token_id=None)
-    torch.manual_seed(seed)
-    return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
 
 
 def save_tiny_checkpoint(path: str | os.PathLike, **model_kwargs) -> Path:

@@ -317,6 +317,85 @@ def test_quick_grid_runs_every_arm_and_a_second_run_skips_everything(tmp_path, m
             if line.startswith("Compute spent")] == cost
 
 
+@pytest.mark.slow
+def test_a_grid_killed_mid_run_continues_from_its_checkpoint_bit_identical(tmp_path):
+    """SIGKILL of the grid process while an online run trains (its fit dies with it), then the same command: the
+    run continues from its newest checkpoint, and its final adapter and its rollout buffer are those of a grid
+    that was never interrupted, to the bit. (The quick grid with 24 online steps, so a checkpoint comes before
+    the end: one every 8 steps.)"""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import torch
+    from safetensors.torch import load_file
+
+    steps = 24
+    code = ("import dataclasses, sys; from lit_echo.experiments import compare; "
+            f"compare.QUICK = dataclasses.replace(compare.QUICK, online_steps={steps}, eval_every={steps}); "
+            "compare.main(sys.argv[1:])")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+
+    def command(out: Path) -> list[str]:
+        return [sys.executable, "-c", code, "--quick", "--out", str(out), "--arms", "mask"]
+
+    def finish(out: Path) -> None:
+        result = subprocess.run(command(out), cwd=REPO, env=env, capture_output=True, text=True, timeout=900,
+                                check=False)
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    finish(whole)
+    run = killed / "runs" / "mask-s0"
+    with open(tmp_path / "killed.log", "w") as log_file:
+        process = subprocess.Popen(command(killed), cwd=REPO, env=env, stdout=log_file, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 900
+    while True:  # until the step-8 checkpoint is whole (it loads), then kill the grid in the middle of the run
+        assert process.poll() is None, (tmp_path / "killed.log").read_text()[-3000:]
+        assert time.monotonic() < deadline, "no checkpoint at step 8"
+        try:
+            torch.load(run / "checkpoints" / "step=8.ckpt", weights_only=False)
+            break
+        except (FileNotFoundError, RuntimeError, EOFError):
+            time.sleep(0.05)
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    assert not (run / "done.json").exists(), "the run had finished before the kill: nothing was tested"
+
+    finish(killed)
+    assert (run / "done.json").exists() and not (run / "checkpoints").exists()  # finished: checkpoints deleted
+    assert [p.name for p in run.glob("fit-from-*.log")] == [p.name for p in run.glob("fit-from-step=*.log")] != []
+    adapter = f"runs/mask-s0/adapters/step-{steps}/adapter_model.safetensors"
+    before, after = load_file(whole / adapter), load_file(killed / adapter)
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+
+    def trained_rollouts(out: Path) -> list[dict]:
+        lines = (out / "runs" / "mask-s0" / "rollouts" / "rollouts-rank0.jsonl").read_text().splitlines()
+        records = [json.loads(line) for line in lines]
+        for record in records:
+            record["metadata"].pop("run_id")  # one per run: differs between the two grids
+        return records
+
+    assert trained_rollouts(killed) == trained_rollouts(whole)
+    assert len(trained_rollouts(whole)) == steps * QUICK.groups_per_step * QUICK.group_size
+
+
+def test_a_grid_of_another_precision_names_the_machine_it_needs(tmp_path):
+    """Round 2 continued on a CPU without native bf16 (precision 'auto' resolves to 32-true there): one error that
+    says why, not a generic size mismatch."""
+    import dataclasses
+
+    from lit_echo.experiments.compare import Grid
+
+    out = tmp_path / "grid"
+    Grid(dataclasses.replace(ROUND2, precision="bf16-mixed"), out, REPO / "data" / "shellworld")
+    with pytest.raises(ValueError, match=r"trained with precision bf16-mixed, and this machine resolves precision "
+                                         r"'auto' to 32-true .*continue it on a machine that runs bf16-mixed"):
+        Grid(dataclasses.replace(ROUND2, precision="32-true"), out, REPO / "data" / "shellworld")
+
+
 def test_a_grid_directory_made_before_new_spec_fields_is_still_accepted(tmp_path):
     """spec.json written by a version without ``own_nll_episodes`` / ``arm_set``: those take their defaults."""
     from lit_echo.experiments.compare import Grid

@@ -274,6 +274,44 @@ def test_resume_trains_every_group_once(tiny_checkpoint, tmp_path):
     assert [r.metadata["group_index"] for r in aside] == [3, 3, 1, 1, 2, 2, 3, 3]
 
 
+@pytest.mark.parametrize(("generate_every", "resume_at"), [(1, 1), (2, 1), (2, 2)])
+def test_resume_is_bit_identical_to_an_uninterrupted_run(tiny_checkpoint, tmp_path, generate_every, resume_at):
+    """A run resumed from its checkpoint after step ``resume_at`` trains the same batches and ends with the same
+    weights, to the bit, as the run that went on: the checkpoint carries the groups prefetched before it (trained
+    as they were, not sampled again by newer weights) and the random states (:mod:`lit_echo.online.resume`).
+    With ``generate_every=2`` a resume after step 1 lands inside a round, after step 2 at its start."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    def checkpoints():
+        return [ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=1, save_top_k=-1)]
+
+    def adapter(trainer):
+        return {name: p.detach().clone() for name, p in trainer.lightning_module.named_parameters()
+                if p.requires_grad}
+
+    def stored():
+        return [item.rollout for item in RolloutBuffer(tmp_path / "rollouts" / "rollouts-rank0.jsonl",
+                                                       shuffle=False)]
+
+    trainer, _, first = _fit(tiny_checkpoint, tmp_path, max_steps=4, generate_every=generate_every,
+                             callbacks=checkpoints())
+    uninterrupted, buffer = adapter(trainer), stored()
+    checkpoint = torch.load(tmp_path / "ckpt" / f"epoch=0-step={resume_at}.ckpt", weights_only=False)
+    state = checkpoint["OnlineRolloutDataModule"]  # Lightning keeps a data module's state under its class name
+    assert [r["metadata"]["group_index"] for g in state["prefetched"]["groups"] for r in g[:1]] == list(
+        range(resume_at, resume_at + (1 if generate_every == 1 else 2 - resume_at % 2)))
+
+    trainer, data, second = _fit(tiny_checkpoint, tmp_path, max_steps=4, generate_every=generate_every,
+                                 callbacks=checkpoints(), ckpt_path=str(tmp_path / "ckpt" /
+                                                                         f"epoch=0-step={resume_at}.ckpt"))
+    assert data.groups_trained == 4
+    assert [_rows(b) for b in second] == [_rows(b) for b in first[resume_at:]]
+    resumed = adapter(trainer)
+    assert resumed.keys() == uninterrupted.keys()
+    assert all(torch.equal(resumed[name], uninterrupted[name]) for name in resumed)
+    assert stored() == buffer  # each trained group once, in order, as the uninterrupted run left it
+
+
 def test_tiny_online_recipe_runs_and_its_buffer_reads_back(tmp_path):
     """configs/tiny-online.yaml through the CLI (shortened), outputs under --trainer.default_root_dir, then
     RolloutDataModule(train_path=buffer dir)."""

@@ -41,11 +41,16 @@ def test_existing_directory_is_returned_as_is(tmp_path):
 
 
 def test_tiny_random_is_built_once_into_the_cache(tmp_path, monkeypatch):
+    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     monkeypatch.setenv("LIT_ECHO_CACHE", str(tmp_path))
+    torch.manual_seed(1234)
+    state = torch.get_rng_state()
     path = resolve_checkpoint("tiny-random")
     assert path == tmp_path / "tiny-random"
+    # Building it left the caller's random stream where it was (a first run continues like a cached one).
+    assert torch.equal(torch.get_rng_state(), state)
     stamp = (path / "config.json").stat().st_mtime_ns
     assert resolve_checkpoint("tiny-random") == path
     assert (path / "config.json").stat().st_mtime_ns == stamp
@@ -173,7 +178,9 @@ def test_smollm2_conversion_is_cached_and_answers(tmp_path):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    state = torch.get_rng_state()
     path = resolve_checkpoint("smollm2-135m-instruct", cache_dir=str(tmp_path / "cache"))
+    assert torch.equal(torch.get_rng_state(), state)  # converting did not move the caller's random stream
     assert {"config.json", "model.safetensors", "tokenizer.json"} <= {p.name for p in path.iterdir()}
     assert [p.name for p in (tmp_path / "cache").iterdir()] == ["smollm2-135m-instruct"]  # no temporary leftovers
     written = (path / "model.safetensors").stat().st_mtime_ns

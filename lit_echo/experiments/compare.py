@@ -8,14 +8,15 @@
                                                               # the second round, continued from its published points
 
 Stages, each skipped when already done, so the grid can be spread over several sittings (a kill loses at most
-the run or evaluation in progress):
+the steps since the run's last checkpoint, or the evaluation in progress):
 
 1. warm start (``OUT/warm_start``): SmolLM2 + LoRA on scripted-expert rollouts, shared by every run;
    ``done.json`` marks it finished (and ``OUT/training.csv`` gets a row with its seconds), and it is evaluated
    once as every arm's step 0;
 2. per training seed, per arm: an online ``lit-echo fit`` in its own process (``OUT/runs/ARM-sSEED``, config,
-   log, TensorBoard, rollouts, an adapter every ``eval_every`` steps; ``done.json`` when finished; an unfinished
-   run directory is deleted and the run starts over), then every exported adapter is evaluated
+   log, TensorBoard, rollouts, an adapter every ``eval_every`` steps, a checkpoint every few steps;
+   ``done.json`` when finished; an unfinished run continues from its newest checkpoint, bit-identical to an
+   uninterrupted run, or starts over if it has none), then every exported adapter is evaluated
    (``OUT/evals/ARM-sSEED/step-N``: the held-out episodes) and its row appended to ``OUT/results.csv``;
 3. report: ``OUT/results.png`` and ``OUT/results.md`` from all rows so far (``--publish DIR`` copies them there
    with ``results.csv``, ``tasks.csv`` (per-task successes of every point, for the paired intervals),
@@ -38,6 +39,7 @@ import dataclasses
 import functools
 import json
 import logging
+import pickle
 import shutil
 import signal
 import subprocess
@@ -51,6 +53,7 @@ import yaml
 
 from lit_echo.experiments.evaluation import METRICS_FILE, task_counts, task_success_rates
 from lit_echo.experiments.grid import (
+    CHECKPOINTS,
     EVAL_SPLITS,
     FULL,
     QUICK,
@@ -109,20 +112,59 @@ def _run_logged(module_args: list[str], log_path: Path, what: str) -> None:
 
 
 def fit(config: dict, root: Path) -> float:
-    """``lit-echo fit`` over ``config`` in a fresh process (its own memory, a crash stays there); seconds taken.
+    """``lit-echo fit`` over ``config`` in a fresh process (its own memory, a crash stays there); seconds taken
+    by this invocation.
 
-    ``root/done.json`` marks a finished run; an unfinished ``root`` is deleted first (no half-trained adapters
-    are kept or evaluated)."""
-    if root.exists():
-        shutil.rmtree(root)
-    root.mkdir(parents=True)
+    ``root/done.json`` marks a finished run. An unfinished ``root`` (a killed sitting) continues from its newest
+    loadable checkpoint (``root/checkpoints``; the resumed run is bit-identical to an uninterrupted one, see
+    :mod:`lit_echo.online.resume`) if it has one of the same recipe; otherwise it is deleted and the run starts
+    over (no half-trained adapters are kept or evaluated). A finished run's checkpoints are deleted: its
+    exported adapters are what the grid keeps."""
+    checkpoint = _resumable(root, config)
+    if checkpoint is None:
+        if root.exists():
+            shutil.rmtree(root)
+        root.mkdir(parents=True)
+        extra, log_path = [], root / "fit.log"
+    else:
+        log.info("%s: continuing from %s", root.name, checkpoint.name)
+        extra, log_path = ["--ckpt_path", str(checkpoint)], root / f"fit-from-{checkpoint.stem}.log"
     config_path = root / "config.yaml"
     config_path.write_text(yaml.safe_dump(config, sort_keys=False))
     started = time.perf_counter()
-    _run_logged(["lit_echo.cli", "fit", "--config", str(config_path)], root / "fit.log", f"{root}: lit-echo fit")
+    _run_logged(["lit_echo.cli", "fit", "--config", str(config_path), *extra], log_path, f"{root}: lit-echo fit")
     seconds = round(time.perf_counter() - started, 1)
+    shutil.rmtree(root / CHECKPOINTS, ignore_errors=True)
     (root / DONE).write_text(json.dumps({"seconds": seconds}) + "\n")
     return seconds
+
+
+def _resumable(root: Path, config: dict) -> Path | None:
+    """The newest checkpoint of an unfinished run in ``root`` that loads (a kill may have cut the newest one
+    short) and was written with ``config``'s ``model`` settings; None when there is none."""
+    paths = sorted((root / CHECKPOINTS).glob("*.ckpt"), key=_checkpoint_step, reverse=True)
+    if not paths or (root / DONE).exists() or not (root / "config.yaml").is_file():
+        return None
+    try:
+        _check_same_recipe(root, config)
+    except ValueError as err:
+        log.warning("%s; not continued: trained again from the start", err)
+        return None
+    import torch
+
+    for path in paths:
+        try:
+            torch.load(path, map_location="cpu", weights_only=False)
+            return path
+        except (RuntimeError, EOFError, OSError, pickle.UnpicklingError) as err:
+            log.warning("%s does not load (%s: %s); trying an older checkpoint", path, type(err).__name__, err)
+    return None
+
+
+def _checkpoint_step(path: Path) -> int:
+    """The step of a checkpoint named ``step=N.ckpt`` (ModelCheckpoint's ``filename="{step}"``); -1 otherwise."""
+    _, _, step = path.stem.rpartition("step=")
+    return int(step) if step.isdigit() else -1
 
 
 def _check_same_recipe(root: Path, config: dict) -> None:
@@ -180,6 +222,14 @@ class Grid:
             wanted = json.loads(json.dumps(wanted))  # as JSON holds it (tuples as lists)
             if found != wanted:
                 changed = sorted(k for k in set(found) | set(wanted) if found.get(k) != wanted.get(k))
+                if changed == ["precision"]:
+                    raise ValueError(
+                        f"{path}: this grid was trained with precision {found['precision']}, and this machine "
+                        f"resolves precision 'auto' to {wanted['precision']} (lit_echo.precision: bf16 only where "
+                        "the hardware computes it natively, e.g. a CPU with avx512_bf16; elsewhere it is several "
+                        "times slower than float32). Runs in another precision are not comparable with its points: "
+                        f"continue it on a machine that runs {found['precision']}, or start a grid of its own "
+                        "in another --out directory")
                 raise ValueError(f"{path}: this directory holds a grid with other sizes (differs in {changed}); "
                                  "use another --out directory, or delete it to start over")
         else:

@@ -29,13 +29,19 @@ environment, by weight, deterministically.
 Exactly once: every stored record carries ``metadata.group_index`` (n), ``metadata.train_step`` (the optimizer
 step whose batch holds it: ``n // groups_per_step``) and ``metadata.run_id`` (one id per run, kept across
 resumes). The checkpoint holds ``groups_trained``, the groups of the batches handed to ``training_step`` (counted
-when a batch is transferred, not when it is prefetched). On resume, generation restarts at group
-``groups_trained`` (the tasks an uninterrupted run would play next), and the records of this run with
+when a batch is transferred, not when it is prefetched). On resume, the records of this run with
 ``group_index >= groups_trained`` at the end of the buffer (groups prefetched for steps that never ran, and
 groups trained after the checkpoint by weights the resume discards) move to ``rollouts-rank{R}.jsonl.untrained``
-beside it. At the end of a fit the groups prefetched for steps that did not run move there too. So the buffer
-holds each group once, exactly the groups the run's final weights were trained on, in training order; the
-side file keeps the rest (its ``.untrained`` suffix keeps it out of directory reads).
+beside it, and training continues at group ``groups_trained`` (the tasks an uninterrupted run would play next).
+At the end of a fit the groups prefetched for steps that did not run move there too. So the buffer holds each
+group once, exactly the groups the run's final weights were trained on, in training order; the side file keeps
+the rest (its ``.untrained`` suffix keeps it out of directory reads).
+
+Exact resume: on one process the checkpoint also carries the groups prefetched before it and the random states
+at the save (:mod:`lit_echo.online.resume`). The resumed run trains those groups as they were (written to the
+buffer again) instead of sampling them anew with newer weights, then samples on from the saved random state:
+with the HF backend it is bit-identical to a run that was never interrupted. Several ranks sample their
+untrained groups again (the checkpoint holds rank 0's state only).
 """
 
 from __future__ import annotations
@@ -63,6 +69,7 @@ from lit_echo.online.agent import run_agent
 from lit_echo.online.env_runner import ProcessEnv, WorkerError, close_quietly
 from lit_echo.online.generator import GenerationStats, GroupGenerator, SamplingSettings
 from lit_echo.online.reporting import log_generation
+from lit_echo.online.resume import Prefetched, rng_states, set_rng_states, stats_dict
 from lit_echo.online.vllm_engine import VLLMSampler, VLLMSettings, check_vllm_installed, engine_dtype
 from lit_echo.online.writer import RolloutWriter
 from lit_echo.rollout import Rollout
@@ -481,6 +488,9 @@ class OnlineRolloutDataModule(RolloutDataModule):
         self.groups_trained = 0  # groups of the batches handed to training_step; checkpointed
         self._resumed = False
         self._rounds: deque[_Round] = deque()
+        # Groups generated on this rank and not yet in a trained batch, oldest first: (group index, rollouts).
+        self._pending: deque[tuple[int, list[Rollout]]] = deque()
+        self._prefetched: Prefetched | None = None  # from the checkpoint: trained first on resume, not resampled
         self._generators: dict[str, GroupGenerator] = {}
         self._val_generators: dict[str, GroupGenerator] = {}
         self._writer: RolloutWriter | None = None
@@ -488,7 +498,25 @@ class OnlineRolloutDataModule(RolloutDataModule):
 
     # ------------------------------------------------------------------ checkpoint state
     def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "groups_trained": self.groups_trained, "run_id": self.run_id}
+        state = {**super().state_dict(), "groups_trained": self.groups_trained, "run_id": self.run_id}
+        prefetched = self._prefetched_now()
+        if prefetched is not None:
+            state["prefetched"] = prefetched.to_state()
+        return state
+
+    def _prefetched_now(self) -> Prefetched | None:
+        """What an exact resume needs (:mod:`lit_echo.online.resume`); None on several ranks (the checkpoint
+        holds rank 0's state only) or before the first batch."""
+        trainer = getattr(self, "trainer", None)
+        if trainer is None or trainer.world_size != 1 or self.groups_generated == 0:
+            return None
+        indices = [index for index, _ in self._pending]
+        if indices != list(range(self.groups_trained, self.groups_generated)):
+            return None  # not the bookkeeping this module keeps; a resume then samples the groups again
+        return Prefetched(first_group=self.groups_trained, groups=[rollouts for _, rollouts in self._pending],
+                          rounds=[(r.first_group, stats_dict(r.stats), r.samples, r.task_metrics)
+                                  for r in self._rounds],
+                          rng=rng_states())
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
@@ -498,6 +526,11 @@ class OnlineRolloutDataModule(RolloutDataModule):
         if "run_id" in state_dict:
             self.run_id = str(state_dict["run_id"])
             self._resumed = True
+        self._prefetched = None
+        if "prefetched" in state_dict:
+            prefetched = Prefetched.from_state(state_dict["prefetched"])
+            if prefetched.first_group == self.groups_trained:
+                self._prefetched = prefetched
 
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         # Runs just before the step that trains on ``batch`` (not at prefetch time): its groups are trained now.
@@ -508,6 +541,8 @@ class OnlineRolloutDataModule(RolloutDataModule):
             if self._rounds and self._rounds[0].first_group == self.groups_trained:
                 self._log_round(self._rounds.popleft())
             self.groups_trained += self.hparams.groups_per_step
+            while self._pending and self._pending[0][0] < self.groups_trained:
+                self._pending.popleft()
         return super().on_before_batch_transfer(batch, dataloader_idx)
 
     # ------------------------------------------------------------------ wiring
@@ -636,10 +671,35 @@ class OnlineRolloutDataModule(RolloutDataModule):
             offline = iter(self._buffer(self.hparams.offline_path, skip_batches=self.batches_trained,
                                         batch_size=self.offline_per_step))
         while True:
-            for rollouts in self._generate_round():
+            for rollouts in self._replay_prefetched() or self._generate_round():
                 yield from rollouts
                 for _ in range(self.offline_per_step):
                     yield next(offline)
+
+    def _replay_prefetched(self) -> list[list[Rollout]] | None:
+        """On an exact resume, once: the checkpoint's untrained groups, one list per step, written again to the
+        buffer (the resume set the old copies aside) and trained as they are; the random states of the save are
+        then set, so the next group sampled is the one an uninterrupted run would sample. None otherwise."""
+        prefetched, self._prefetched = self._prefetched, None
+        if prefetched is None or self.groups_generated != prefetched.first_group or self.trainer.world_size != 1:
+            return None  # several ranks now: rank 0's groups are not this rank's; they sample theirs again
+        h = self.hparams
+        for first, stats, samples, metrics in prefetched.rounds:
+            self._rounds.append(_Round(first, GenerationStats(**stats), samples, metrics))
+        steps: list[list[Rollout]] = []
+        for offset, rollouts in enumerate(prefetched.groups):
+            index = prefetched.first_group + offset
+            if self._writer is not None:
+                self._writer.write_group(rollouts)
+            self._pending.append((index, rollouts))
+            if index % h.groups_per_step == 0:
+                steps.append([])
+            steps[-1].extend(rollouts)
+        self.groups_generated += len(prefetched.groups)
+        set_rng_states(prefetched.rng)
+        log.info("resumed at group %d: %d group(s) generated before the checkpoint trained as they were",
+                 prefetched.first_group, len(prefetched.groups))
+        return steps or None
 
     def _generate_round(self) -> list[list[Rollout]]:
         """``generate_every`` steps' worth of online rollouts, one list per step, written; the round's metrics
@@ -693,6 +753,7 @@ class OnlineRolloutDataModule(RolloutDataModule):
                                         run_id=self.run_id)
             if self._writer is not None:
                 self._writer.write_group(rollouts)
+            self._pending.append((index, rollouts))
         return [groups[index] for index in indices], stats
 
     def _generate_by_env(self, generators: dict[str, GroupGenerator], specs: list[EnvEntry], seeds: list[int],
