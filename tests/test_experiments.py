@@ -367,6 +367,13 @@ def test_a_grid_killed_mid_run_continues_from_its_checkpoint_bit_identical(tmp_p
     finish(killed)
     assert (run / "done.json").exists() and not (run / "checkpoints").exists()  # finished: checkpoints deleted
     assert [p.name for p in run.glob("fit-from-*.log")] == [p.name for p in run.glob("fit-from-step=*.log")] != []
+    # The cost of both invocations: the killed one until its log's last write, then the continuation.
+    pieces = json.loads((run / "pieces.json").read_text())
+    assert [p["log"][:len("fit-from-step=")] for p in pieces] == ["fit.log", "fit-from-step="]
+    assert all(p["seconds"] > 0 for p in pieces)
+    done = json.loads((run / "done.json").read_text())
+    assert done == {"seconds": round(sum(p["seconds"] for p in pieces), 1), "invocations": 2}
+    assert {"run": "mask-s0", "seconds": done["seconds"]} in TrainingFile(killed / "training.csv").rows
     adapter = f"runs/mask-s0/adapters/step-{steps}/adapter_model.safetensors"
     before, after = load_file(whole / adapter), load_file(killed / adapter)
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)

@@ -71,6 +71,7 @@ from lit_echo.experiments.results import WARM_START, ResultsFile, TasksFile, Tra
 log = logging.getLogger("lit_echo.experiments")
 
 DONE = "done.json"
+PIECES = "pieces.json"
 OUTPUTS = ("results.csv", "results.png", "results.md")
 # What --publish copies; --resume-from reads the data files back.
 PUBLISHED = (*OUTPUTS, "tasks.csv", "training.csv", "spec.json")
@@ -112,14 +113,15 @@ def _run_logged(module_args: list[str], log_path: Path, what: str) -> None:
 
 
 def fit(config: dict, root: Path) -> float:
-    """``lit-echo fit`` over ``config`` in a fresh process (its own memory, a crash stays there); seconds taken
-    by this invocation.
+    """``lit-echo fit`` over ``config`` in a fresh process (its own memory, a crash stays there); the seconds
+    the run took, over all its invocations.
 
     ``root/done.json`` marks a finished run. An unfinished ``root`` (a killed sitting) continues from its newest
     loadable checkpoint (``root/checkpoints``; the resumed run is bit-identical to an uninterrupted one, see
     :mod:`lit_echo.online.resume`) if it has one of the same recipe; otherwise it is deleted and the run starts
     over (no half-trained adapters are kept or evaluated). A finished run's checkpoints are deleted: its
-    exported adapters are what the grid keeps."""
+    exported adapters are what the grid keeps. ``root/pieces.json`` keeps the seconds of each invocation (an
+    invocation that was killed counts until its log was last written)."""
     checkpoint = _resumable(root, config)
     if checkpoint is None:
         if root.exists():
@@ -129,14 +131,34 @@ def fit(config: dict, root: Path) -> float:
     else:
         log.info("%s: continuing from %s", root.name, checkpoint.name)
         extra, log_path = ["--ckpt_path", str(checkpoint)], root / f"fit-from-{checkpoint.stem}.log"
+    pieces = _pieces(root)
+    pieces.append({"log": log_path.name, "started": time.time(), "seconds": None})
+    (root / PIECES).write_text(json.dumps(pieces) + "\n")
     config_path = root / "config.yaml"
     config_path.write_text(yaml.safe_dump(config, sort_keys=False))
     started = time.perf_counter()
     _run_logged(["lit_echo.cli", "fit", "--config", str(config_path), *extra], log_path, f"{root}: lit-echo fit")
-    seconds = round(time.perf_counter() - started, 1)
+    pieces[-1]["seconds"] = round(time.perf_counter() - started, 1)
+    (root / PIECES).write_text(json.dumps(pieces) + "\n")
+    seconds = round(sum(piece["seconds"] for piece in pieces), 1)
     shutil.rmtree(root / CHECKPOINTS, ignore_errors=True)
-    (root / DONE).write_text(json.dumps({"seconds": seconds}) + "\n")
+    (root / DONE).write_text(json.dumps({"seconds": seconds, "invocations": len(pieces)}) + "\n")
     return seconds
+
+
+def _pieces(root: Path) -> list[dict]:
+    """The earlier invocations of the unfinished run in ``root`` with their seconds; one that was killed (no
+    seconds) counts from its start to the last write of its log."""
+    path = root / PIECES
+    if not path.is_file():
+        return []
+    pieces = json.loads(path.read_text())
+    for piece in pieces:
+        if piece["seconds"] is None:
+            log_file = root / piece["log"]
+            end = log_file.stat().st_mtime if log_file.exists() else piece["started"]
+            piece["seconds"] = round(max(0.0, end - piece["started"]), 1)
+    return pieces
 
 
 def _resumable(root: Path, config: dict) -> Path | None:
