@@ -59,7 +59,10 @@ evaluation: ~11 core-hours (about 5.5 hours on two cores), twice the 6 core-hour
 rollouts per step stay at 16 rather than grow. It is spread over sittings: ``--publish results/round2`` keeps
 every finished point (rows and per-task successes) in the repository, and ``--resume-from results/round2``
 starts a new grid directory (another machine, a later sitting) from them; runs whose points are all there are
-not trained again.
+not trained again. A run stopped in the middle (a 64-step run took 67-101 min, so one may straddle the end of a
+sitting) continues from its newest checkpoint (every :data:`CHECKPOINT_EVERY` steps) when the same command runs
+again in the same ``--out``, bit-identical to a run that was never stopped; its checkpoints are not published,
+so a run cannot continue on another machine.
 
 Fifth arm, ``echo_01_guard``: the issue asked for the best arm again with an entropy guard if entropy rose again.
 After seed 0 of masking and ECHO 0.01 (64 steps each), ECHO 0.01 led on unseen trees (+5 points, interval across

@@ -55,7 +55,7 @@ import uuid
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import nullcontext
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -69,7 +69,7 @@ from lit_echo.online.agent import run_agent
 from lit_echo.online.env_runner import ProcessEnv, WorkerError, close_quietly
 from lit_echo.online.generator import GenerationStats, GroupGenerator, SamplingSettings
 from lit_echo.online.reporting import log_generation
-from lit_echo.online.resume import Prefetched, rng_states, set_rng_states, stats_dict
+from lit_echo.online.resume import Prefetched, rng_states, set_rng_states
 from lit_echo.online.vllm_engine import VLLMSampler, VLLMSettings, check_vllm_installed, engine_dtype
 from lit_echo.online.writer import RolloutWriter
 from lit_echo.rollout import Rollout
@@ -514,7 +514,7 @@ class OnlineRolloutDataModule(RolloutDataModule):
         if indices != list(range(self.groups_trained, self.groups_generated)):
             return None  # not the bookkeeping this module keeps; a resume then samples the groups again
         return Prefetched(first_group=self.groups_trained, groups=[rollouts for _, rollouts in self._pending],
-                          rounds=[(r.first_group, stats_dict(r.stats), r.samples, r.task_metrics)
+                          rounds=[(r.first_group, asdict(r.stats), r.samples, r.task_metrics)
                                   for r in self._rounds],
                           rng=rng_states())
 

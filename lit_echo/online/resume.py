@@ -20,7 +20,6 @@ save and the next training group.
 
 from __future__ import annotations
 
-import dataclasses
 import random
 from dataclasses import dataclass
 from typing import Any
@@ -84,7 +83,3 @@ class Prefetched:
                            for first, stats, samples, metrics in state["rounds"]],
                    rng=state["rng"])
 
-
-def stats_dict(stats: Any) -> dict[str, float]:
-    """A ``GenerationStats`` as a plain dict (what a checkpoint stores)."""
-    return dataclasses.asdict(stats)
