@@ -55,6 +55,26 @@ def test_command_formats_and_invalid_commands(game):
     assert cut.warning.startswith("WARNING: reply cut off at the token limit") and cut.observation == ""
 
 
+@pytest.mark.parametrize("command", ["save", "SAVE", "look. save", "look then restore", "script", "transcript on",
+                                     "unscript", "recording on", "replay", "quit", "q", "die", "restart"])
+def test_interpreter_commands_that_touch_files_or_end_the_session_never_reach_the_game(game, tmp_path,
+                                                                                    monkeypatch, command):
+    """The game interpreter writes save files and transcripts into the working directory (``save`` wrote
+    ``<game>.qzl``, ``script`` a file named after the policy's next words): a warning instead, the game does not
+    move, and nothing is written."""
+    monkeypatch.chdir(tmp_path)
+    env = TextWorldEnv(str(game))
+    env.reset(0)
+    result = env.step(command)
+    verb = command.split()[-1].lower() if command.startswith("look") else command.split()[0].lower()
+    assert result.warning is not None and f"`{verb}`" in result.warning and result.observation == ""
+    assert not result.info["valid_action"] and not result.done and result.reward == 0.0
+    follow_up = env.step("my_saved_game")  # what a filename prompt would have taken
+    assert "not a verb" in follow_up.observation
+    assert list(tmp_path.iterdir()) == []
+    assert env.step("look").info["valid_action"]
+
+
 def test_clean_feedback_strips_prompt_and_status_bar():
     assert clean_feedback("\n\nYou see a box.\n\n>          -= Studio =-0/2") == "You see a box.\n"
 

@@ -17,8 +17,10 @@ Tool-call format
 ``command_format="plain"`` (default): the assistant's whole turn, stripped, is the game command (``go east``).
 ``command_format="cmd"``: the command goes inside ``<cmd>...</cmd>`` and free text around it is allowed, as in
 ShellWorld; a turn with no (or several) ``<cmd>`` gets a ``StepResult.warning`` and the game does not advance.
-An empty command gets a warning in both formats (the standard texts of :mod:`lit_echo.envs.actions`). A command
-TextWorld does not list as admissible in the current state is still sent to the game (its reply, e.g. "That's
+An empty command gets a warning in both formats (the standard texts of :mod:`lit_echo.envs.actions`), and so
+does a command that names one of the interpreter's own file or session commands (``save``, ``restore``,
+``script``, ``quit``, ... :data:`BLOCKED_VERBS`), which never reaches the game: it would write into the working
+directory. A command TextWorld does not list as admissible in the current state is still sent to the game (its reply, e.g. "That's
 not a verb I recognise.", is the observation) and counted with ``info["valid_action"] = False``.
 
 Observations and reward
@@ -50,6 +52,14 @@ EMPTY_COMMAND_WARNING = EMPTY_ACTION_WARNING.format(example="go north")
 NO_CMD_WARNING = NO_ACTION_WARNING.format(block="<cmd></cmd>", example="<cmd>look</cmd>")
 _BANNER_LINE = re.compile(r"^[\s$_|\\/<>]*$")  # the intro's ASCII-art title is drawn with these characters only
 _PROMPT_TAIL = re.compile(r"\n>[^\n]*$")  # the input prompt, padded and followed by the status bar
+# The interpreter's own commands that write or read files in the process's working directory (``save`` wrote
+# ``<game>.qzl`` there, ``script`` a transcript named by whatever the policy typed next) or end the session. A
+# policy's text never reaches them: anywhere in a command (Inform runs "look. save" as two commands), as a word.
+BLOCKED_VERBS = ("save", "restore", "script", "unscript", "noscript", "transcript", "notranscript", "recording",
+                 "replay", "quit", "q", "die", "restart")
+_BLOCKED = re.compile(r"(?<![\w'-])(" + "|".join(BLOCKED_VERBS) + r")(?![\w'-])", re.IGNORECASE)
+BLOCKED_COMMAND_WARNING = ("WARNING: `{verb}` is not available here (the game interpreter would write files or end "
+                           "the session); nothing happened. Reply with a game command, for example: {example}")
 
 SYSTEM_PROMPT = """You are playing a text adventure game. Each reply is one game command{how}, for example: look, \
 inventory, go north, open chest, take key, unlock door with key, put apple on table. The game's answer comes back \
@@ -128,6 +138,10 @@ class TextWorldEnv:
         command = parsed.action
         if command is None:
             return self._result("", parsed.warning, gained=0, valid=False)
+        blocked = _BLOCKED.search(command)
+        if blocked:
+            return self._result("", BLOCKED_COMMAND_WARNING.format(verb=blocked.group(1).lower(), example=example),
+                                gained=0, valid=False)
         admissible = set(self._state.admissible_commands or [])
         before = self._state.score
         self._state, _, game_over = self._env.step(command)
