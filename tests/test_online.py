@@ -312,6 +312,22 @@ def test_resume_is_bit_identical_to_an_uninterrupted_run(tiny_checkpoint, tmp_pa
     assert stored() == buffer  # each trained group once, in order, as the uninterrupted run left it
 
 
+def test_writing_checkpoints_does_not_change_the_run(tiny_checkpoint, tmp_path):
+    """The grid's runs now write checkpoints (published runs did not): saving one only reads the random states,
+    so a run with checkpoints ends with the same weights as one without."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    def weights(trainer):
+        return {n: p.detach().clone() for n, p in trainer.lightning_module.named_parameters() if p.requires_grad}
+
+    plain, _, _ = _fit(tiny_checkpoint, tmp_path / "plain", max_steps=3)
+    saving, _, _ = _fit(tiny_checkpoint, tmp_path / "saving", max_steps=3, callbacks=[
+        ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=1, save_top_k=-1)])
+    assert len(list((tmp_path / "ckpt").glob("*.ckpt"))) == 3
+    a, b = weights(plain), weights(saving)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_tiny_online_recipe_runs_and_its_buffer_reads_back(tmp_path):
     """configs/tiny-online.yaml through the CLI (shortened), outputs under --trainer.default_root_dir, then
     RolloutDataModule(train_path=buffer dir)."""
