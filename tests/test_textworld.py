@@ -75,6 +75,34 @@ def test_interpreter_commands_that_touch_files_or_end_the_session_never_reach_th
     assert env.step("look").info["valid_action"]
 
 
+def test_control_characters_never_reach_the_game(game):
+    """Commands a tiny random policy sampled: the interpreter spun forever on ``\\x13`` and ``\\x00`` (a step
+    that never returned; two such games in threads crashed the process), and on its own backslash commands.
+    Each control character and backslash is a space."""
+    import threading
+
+    env = TextWorldEnv(str(game))
+    env.reset(0)
+    results = {}
+
+    def play():
+        results["junk"] = env.step("\x13&\ufffd hellsME")
+        results["nul"] = env.step("\x00look")
+        results["only"] = env.step("\x13\x00 \x1f")
+        results["help"] = env.step("\\help")
+        results["backslash"] = env.step("\\s look")
+
+    worker = threading.Thread(target=play, daemon=True)
+    worker.start()
+    worker.join(timeout=60)
+    assert not worker.is_alive(), "a step with control characters never returned"
+    assert "not a verb" in results["junk"].observation and not results["junk"].info["valid_action"]
+    assert results["nul"].info["valid_action"] and results["nul"].observation  # the command "look"
+    assert results["only"].warning is not None and results["only"].observation == ""
+    assert results["help"].observation.startswith("Available commands")  # the game's "help", not the interpreter's
+    assert "(go) s" in results["backslash"].observation  # the game parsed "s look" (s: go south)
+
+
 def test_clean_feedback_strips_prompt_and_status_bar():
     assert clean_feedback("\n\nYou see a box.\n\n>          -= Studio =-0/2") == "You see a box.\n"
 

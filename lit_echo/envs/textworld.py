@@ -20,7 +20,8 @@ ShellWorld; a turn with no (or several) ``<cmd>`` gets a ``StepResult.warning`` 
 An empty command gets a warning in both formats (the standard texts of :mod:`lit_echo.envs.actions`), and so
 does a command that names one of the interpreter's own file or session commands (``save``, ``restore``,
 ``script``, ``quit``, ... :data:`BLOCKED_VERBS`), which never reaches the game: it would write into the working
-directory. A command TextWorld does not list as admissible in the current state is still sent to the game (its
+directory. Control characters and backslashes in a command become spaces (the interpreter hangs on them). A command
+TextWorld does not list as admissible in the current state is still sent to the game (its
 reply, e.g. "That's not a verb I recognise.", is the observation) and counted with ``info["valid_action"] =
 False``.
 
@@ -53,6 +54,11 @@ EMPTY_COMMAND_WARNING = EMPTY_ACTION_WARNING.format(example="go north")
 NO_CMD_WARNING = NO_ACTION_WARNING.format(block="<cmd></cmd>", example="<cmd>look</cmd>")
 _BANNER_LINE = re.compile(r"^[\s$_|\\/<>]*$")  # the intro's ASCII-art title is drawn with these characters only
 _PROMPT_TAIL = re.compile(r"\n>[^\n]*$")  # the input prompt, padded and followed by the status bar
+# Control characters and backslashes: the game interpreter (jericho's dumb-frotz) spins forever on some control
+# characters (\x00, \x13: a step that never returns; two such games in threads crashed the process), and reads a
+# backslash as one of its own commands (\help, \s, ...: each step hung, one flooded its output). A game command
+# needs neither; each becomes a space before the command is sent.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f\\]")
 # The interpreter's own commands that write or read files in the process's working directory (``save`` wrote
 # ``<game>.qzl`` there, ``script`` a transcript named by whatever the policy typed next) or end the session. A
 # policy's text never reaches them: anywhere in a command (Inform runs "look. save" as two commands), as a word.
@@ -139,6 +145,9 @@ class TextWorldEnv:
         command = parsed.action
         if command is None:
             return self._result("", parsed.warning, gained=0, valid=False)
+        command = " ".join(_CONTROL.sub(" ", command).split())
+        if not command:
+            return self._result("", EMPTY_ACTION_WARNING.format(example=example), gained=0, valid=False)
         blocked = _BLOCKED.search(command)
         if blocked:
             return self._result("", BLOCKED_COMMAND_WARNING.format(verb=blocked.group(1).lower(), example=example),
