@@ -20,10 +20,9 @@ ShellWorld; a turn with no (or several) ``<cmd>`` gets a ``StepResult.warning`` 
 An empty command gets a warning in both formats (the standard texts of :mod:`lit_echo.envs.actions`), and so
 does a command that names one of the interpreter's own file or session commands (``save``, ``restore``,
 ``script``, ``quit``, ... :data:`BLOCKED_VERBS`), which never reaches the game: it would write into the working
-directory. Control characters and backslashes in a command become spaces (the interpreter hangs on them). A command
-TextWorld does not list as admissible in the current state is still sent to the game (its
-reply, e.g. "That's not a verb I recognise.", is the observation) and counted with ``info["valid_action"] =
-False``.
+directory. Control characters and backslashes in a command become spaces (the interpreter hangs on them). A
+command TextWorld does not list as admissible in the current state is still sent to the game (its reply, e.g.
+"That's not a verb I recognise.", is the observation) and counted with ``info["valid_action"] = False``.
 
 Observations and reward
 -----------------------
