@@ -5,7 +5,7 @@ masking, round-2 sizes) twice from the same start: once straight through, once k
 its checkpoint after step ``--kill-after`` is whole, then continued by the grid's own :func:`fit` (which resumes
 from the newest loadable checkpoint). Prints whether the final adapters and the trained rollouts are identical.
 
-    python scripts/check_exact_resume.py --steps 3 --kill-after 1            # SmolLM2, ~1 h on 2 AVX2 cores
+    python scripts/check_exact_resume.py --steps 3 --kill-after 1            # SmolLM2, ~20 min on 2 AVX2 cores
     python scripts/check_exact_resume.py --model tiny-random --steps 6 --kill-after 2   # seconds
 
 Precision is what the grid would use here (bf16 autocast where the CPU has it natively, else float32).
@@ -17,6 +17,7 @@ import argparse
 import dataclasses
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -64,8 +65,6 @@ def main() -> None:
     print(f"precision {precision}; straight through: {whole}", flush=True)
     seconds = fit(config(whole), whole)
     print(f"  {seconds:.0f} s", flush=True)
-
-    import shutil
 
     shutil.rmtree(killed, ignore_errors=True)
     killed.mkdir(parents=True)

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import pickle
 import signal
 import subprocess
 import sys
@@ -14,8 +13,8 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 
+from lit_echo.experiments.compare import newest_loadable_checkpoint
 from lit_echo.rollout import Rollout
 
 REPO = Path(__file__).resolve().parents[1]
@@ -52,17 +51,6 @@ data:
     return path
 
 
-def _newest_loadable_checkpoint(directory: Path) -> Path:
-    """The checkpoint of the highest step that loads (the kill may have cut the newest one short)."""
-    for path in sorted(directory.glob("*.ckpt"), key=lambda p: int(p.stem.split("step=")[1]), reverse=True):
-        try:
-            torch.load(path, map_location="cpu", weights_only=False)
-            return path
-        except (RuntimeError, EOFError, OSError, pickle.UnpicklingError):
-            continue
-    raise AssertionError(f"no loadable checkpoint in {directory}")
-
-
 @pytest.mark.slow
 def test_kill_9_and_resume_trains_every_group_once(tmp_path):
     command = [sys.executable, "-m", "lit_echo.cli", "fit", "--config", str(REPO / "configs/tiny-online.yaml"),
@@ -84,7 +72,8 @@ def test_kill_9_and_resume_trains_every_group_once(tmp_path):
 
     buffer = tmp_path / "rollouts" / "rollouts-rank0.jsonl"
     before = [Rollout.from_json(line) for line in buffer.read_text().splitlines()]
-    ckpt = _newest_loadable_checkpoint(tmp_path / "ckpt")
+    ckpt = newest_loadable_checkpoint(tmp_path / "ckpt")  # the kill may have cut the newest one short
+    assert ckpt is not None, f"no loadable checkpoint in {tmp_path / 'ckpt'}"
     resumed_at = int(ckpt.stem.split("step=")[1])
     assert max(r.metadata["group_index"] for r in before) >= resumed_at, "nothing generated after the checkpoint"
 

@@ -162,19 +162,24 @@ def _pieces(root: Path) -> list[dict]:
 
 
 def _resumable(root: Path, config: dict) -> Path | None:
-    """The newest checkpoint of an unfinished run in ``root`` that loads (a kill may have cut the newest one
-    short) and was written with ``config``'s ``model`` settings; None when there is none."""
-    paths = sorted((root / CHECKPOINTS).glob("*.ckpt"), key=_checkpoint_step, reverse=True)
-    if not paths or (root / DONE).exists() or not (root / "config.yaml").is_file():
+    """The newest loadable checkpoint of an unfinished run in ``root`` written with ``config``'s ``model``
+    settings; None when there is none."""
+    if (root / DONE).exists() or not (root / "config.yaml").is_file() or not any((root / CHECKPOINTS).glob("*.ckpt")):
         return None
     try:
         _check_same_recipe(root, config)
     except ValueError as err:
         log.warning("%s; not continued: trained again from the start", err)
         return None
+    return newest_loadable_checkpoint(root / CHECKPOINTS)
+
+
+def newest_loadable_checkpoint(directory: Path) -> Path | None:
+    """The checkpoint (``*step=N.ckpt``) of the highest step in ``directory`` that loads (a kill may have cut the
+    newest one short); None when none does."""
     import torch
 
-    for path in paths:
+    for path in sorted(directory.glob("*.ckpt"), key=_checkpoint_step, reverse=True):
         try:
             torch.load(path, map_location="cpu", weights_only=False)
             return path
