@@ -421,7 +421,8 @@ class EchoModule(L.LightningModule):
         ACTION tokens under the current policy, so the choice does not depend on ``micro_batch_size``. The
         entropies come from one no-grad pass over the step's micro-batches before the first backward (the LM head
         on ACTION positions only); the loss normalizers need the selection before any gradient is taken. Under
-        DDP each rank ranks its own rows.
+        DDP the transitions of every rank are ranked together (one all-gather of their scores), so two ranks keep
+        what one process would keep from their rows together.
         """
         fraction = self.loss_config.paw.select_fraction
         if fraction is None:
@@ -436,7 +437,7 @@ class EchoModule(L.LightningModule):
                                                     return_entropy=True, include_world=False)  # [b, w-1]
                 entropy[mb.rows, :mb_entropy.shape[1]] = mb_entropy.float()
         return select_transitions_by_entropy(entropy, roles, transition_ids_from_roles(roles),
-                                             fraction=fraction)  # [B, T-1]
+                                             fraction=fraction, across_ranks=True)  # [B, T-1]
 
     def _warn_if_nothing_to_train(self, normalizers, batch) -> None:
         if normalizers.action_tokens > 0 or normalizers.world_tokens > 0 or self._warned_no_targets:

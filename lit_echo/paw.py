@@ -70,7 +70,7 @@ def transition_ids_from_roles(roles: torch.Tensor) -> torch.Tensor:
 
 def select_transitions_by_entropy(entropy: torch.Tensor, roles: torch.Tensor,
                                   transition_ids: torch.Tensor | None = None, *,
-                                  fraction: float = 0.75) -> torch.Tensor:
+                                  fraction: float = 0.75, across_ranks: bool = False) -> torch.Tensor:
     """PaW data selection: world mask of the top ``fraction`` of transitions by mean action-token entropy.
 
     A transition is the pair (sequence i, ``transition_ids[i, t]``); with ``transition_ids=None`` each sequence is one
@@ -85,6 +85,9 @@ def select_transitions_by_entropy(entropy: torch.Tensor, roles: torch.Tensor,
         transition_ids: [B, T] integer transition of each token (negative: none), e.g.
             ``transition_ids_from_roles(roles)``; or None.
         fraction: alpha, the share of transitions kept (PaW: 0.75).
+        across_ranks: under torch.distributed, rank the transitions of every rank together (one all-gather of
+            the candidates' scores; rank order, then row order, breaks ties), so data-parallel ranks keep the
+            same transitions one process would keep from their rows together. False: this rank's rows only.
     Returns:
         [B, T] bool, True on the OBSERVATION/WARNING tokens of kept transitions: ``echo_loss(world_select=...)``.
         Select over the whole optimizer step (concatenate micro-batches first) to match PaW.
@@ -119,8 +122,46 @@ def select_transitions_by_entropy(entropy: torch.Tensor, roles: torch.Tensor,
     candidate = (world_count > 0) & (unique_keys >= 0)  # [K]
 
     candidate_ids = torch.nonzero(candidate).reshape(-1)  # [C] in key order = (sequence, transition) order
-    num_keep = math.ceil(fraction * candidate_ids.numel() - 1e-9)
-    order = torch.sort(score[candidate_ids], descending=True, stable=True).indices  # [C]
+    keep = top_fraction(score[candidate_ids], fraction, across_ranks=across_ranks)  # [C]
     kept = torch.zeros(num_keys, dtype=torch.bool, device=roles.device)
-    kept[candidate_ids[order[:num_keep]]] = True
+    kept[candidate_ids[keep]] = True
     return kept[key_index] & world_all & valid  # [B, T]
+
+
+def top_fraction(scores: torch.Tensor, fraction: float, *, across_ranks: bool = False) -> torch.Tensor:
+    """[C] bool: True on the ``ceil(fraction * N)`` highest of ``scores`` [C] (ties: earlier first).
+
+    N = C, or with ``across_ranks`` under an initialized torch.distributed group of several ranks, the number of
+    scores over all ranks: every rank's scores are gathered in rank order, ranked together, and each rank gets
+    back the part of the answer that covers its own scores.
+    """
+    all_scores, start = _gather_in_rank_order(scores) if across_ranks else (scores, 0)  # [N]
+    num_keep = math.ceil(fraction * all_scores.numel() - 1e-9)
+    order = torch.sort(all_scores, descending=True, stable=True).indices  # [N]
+    keep = torch.zeros(all_scores.numel(), dtype=torch.bool, device=scores.device)  # [N]
+    keep[order[:num_keep]] = True
+    return keep[start:start + scores.numel()]  # [C]
+
+
+def _gather_in_rank_order(values: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Every rank's 1-D float ``values`` concatenated in rank order, and where this rank's start.
+
+    Two collectives (sizes, then padded values); without an initialized group of several ranks, (values, 0).
+    """
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return values, 0
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else values.device
+    values = values.float().to(device)  # [C]
+    sizes = [torch.zeros(1, dtype=torch.long, device=device) for _ in range(dist.get_world_size())]
+    dist.all_gather(sizes, torch.tensor([values.numel()], dtype=torch.long, device=device))
+    counts = [int(n.item()) for n in sizes]
+    if max(counts) == 0:
+        return values, 0
+    padded = torch.zeros(max(counts), device=device)  # [max C]
+    padded[:values.numel()] = values
+    gathered = [torch.empty_like(padded) for _ in counts]
+    dist.all_gather(gathered, padded)
+    everything = torch.cat([g[:n] for g, n in zip(gathered, counts)])  # [N]
+    start = sum(counts[:dist.get_rank()])
+    return everything.to(values.device), start

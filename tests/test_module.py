@@ -120,7 +120,7 @@ DDP_SCRIPT = textwrap.dedent("""
     ckpt, train, devices = sys.argv[1], sys.argv[2], int(sys.argv[3])
     L.seed_everything(0)
     module = EchoModule(ckpt, lora_rank=4, gradient_clip_val=None, policy_agg="token_mean", world_norm="token_mean",
-                        world_coef=0.3)
+                        world_coef=0.3, **json.loads(sys.argv[5]))
     torch.manual_seed(1)
     for name, p in module.model.named_parameters():  # non-zero LoRA B so every adapter gets a gradient
         if "lora_B" in name:
@@ -133,15 +133,17 @@ DDP_SCRIPT = textwrap.dedent("""
 """)
 
 
-def test_ddp_two_processes_match_one_process_gradients(tiny_checkpoint, tmp_path):
+@pytest.mark.parametrize("options", [{}, {"paw_select_fraction": 0.75}], ids=["echo", "paw_selection"])
+def test_ddp_two_processes_match_one_process_gradients(tiny_checkpoint, tmp_path, options):
+    """Two DDP ranks give one process's gradients; with PaW's selection because both ranks rank together."""
     script = tmp_path / "ddp.py"
     script.write_text(DDP_SCRIPT)
-    env = {**os.environ, "MASTER_PORT": str(31000 + os.getpid() % 1000)}
+    env = {**os.environ, "MASTER_PORT": str(31000 + os.getpid() % 1000 + 7 * len(options))}
     out = {}
     for devices in (1, 2):
         out[devices] = tmp_path / f"grads{devices}.json"
-        subprocess.run([sys.executable, str(script), str(tiny_checkpoint), TRAIN, str(devices), str(out[devices])],
-                       check=True, timeout=300, env=env, cwd=tmp_path)
+        subprocess.run([sys.executable, str(script), str(tiny_checkpoint), TRAIN, str(devices), str(out[devices]),
+                        json.dumps(options)], check=True, timeout=300, env=env, cwd=tmp_path)
     one, two = (json.loads(out[d].read_text()) for d in (1, 2))
     assert one.keys() == two.keys() and len(one) > 0
     for name in one:

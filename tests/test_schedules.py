@@ -3,6 +3,11 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -83,6 +88,63 @@ def test_selection_per_sequence_and_without_actions():
     mask = select_transitions_by_entropy(entropy, roles, fraction=0.5)  # 3 candidates -> keep 2
     assert mask.tolist() == [[False, True], [False, True], [False, False], [False, False]]
     assert select_transitions_by_entropy(entropy, roles, fraction=1.0)[2, 1]  # scored last, still kept at 1.0
+
+
+def _random_step(rows: int, width: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Roles of ``rows`` sequences of context, then turns of action and observation spans, and random entropies."""
+    gen = torch.Generator().manual_seed(seed)
+    roles = torch.full((rows, width), C)
+    for i in range(rows):
+        t = int(torch.randint(1, 4, (1,), generator=gen))
+        while t < width:
+            for role in (A, O if torch.rand(1, generator=gen) < 0.8 else W):
+                span = int(torch.randint(1, 5, (1,), generator=gen))
+                roles[i, t:t + span] = role
+                t += span
+    return roles, 3 * torch.rand(rows, width, generator=gen)
+
+
+SELECT_ACROSS_RANKS = textwrap.dedent("""
+    import sys, torch, torch.distributed as dist, torch.multiprocessing as mp
+    sys.path.insert(0, sys.argv[1])
+    from test_schedules import _random_step
+    from lit_echo.paw import select_transitions_by_entropy, transition_ids_from_roles
+
+    def rank_rows(rank, world):  # rank 2 of 3 gets rows without any observation: it has no candidate
+        return [1, 3, 5, 7, 9] if rank == 0 else [0, 2, 4, 6, 8] if rank == 1 else [10, 11]
+
+    def run(rank, world, init, out):
+        dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+        roles, entropy = _random_step(12, 40, seed=3)
+        roles[10:] = 0
+        rows = rank_rows(rank, world)
+        ids = transition_ids_from_roles(roles[rows])
+        for across in (True, False):
+            mask = select_transitions_by_entropy(entropy[rows], roles[rows], ids, fraction=0.75, across_ranks=across)
+            torch.save(mask, f"{out}/rank{rank}-{across}.pt")
+        dist.destroy_process_group()
+
+    if __name__ == "__main__":
+        mp.spawn(run, args=(3, "file://" + sys.argv[2] + "/store", sys.argv[2]), nprocs=3)
+""")
+
+
+def test_selection_across_ranks_keeps_what_one_process_keeps(tmp_path):
+    """Three gloo ranks with interleaved rows (one without candidates) select exactly the transitions one process
+    selects from all the rows; ranking each rank's rows alone (the old behaviour) selects others."""
+    script = tmp_path / "ranks_select.py"
+    script.write_text(SELECT_ACROSS_RANKS)
+    subprocess.run([sys.executable, str(script), str(Path(__file__).parent), str(tmp_path)], check=True,
+                   timeout=120)
+    roles, entropy = _random_step(12, 40, seed=3)
+    roles[10:] = C
+    whole = select_transitions_by_entropy(entropy, roles, transition_ids_from_roles(roles), fraction=0.75)
+    assert 0 < whole.sum() < ((roles == O) | (roles == W)).sum()  # some transitions dropped
+    per_rank_differs = False
+    for rank, rows in enumerate(([1, 3, 5, 7, 9], [0, 2, 4, 6, 8], [10, 11])):
+        assert torch.equal(torch.load(tmp_path / f"rank{rank}-True.pt"), whole[rows]), rank
+        per_rank_differs |= not torch.equal(torch.load(tmp_path / f"rank{rank}-False.pt"), whole[rows])
+    assert per_rank_differs
 
 
 def test_entropy_guard_factor_follows_the_smoothed_rise():
