@@ -312,6 +312,25 @@ def test_resume_is_bit_identical_to_an_uninterrupted_run(tiny_checkpoint, tmp_pa
     assert stored() == buffer  # each trained group once, in order, as the uninterrupted run left it
 
 
+def test_resume_on_another_number_of_ranks_samples_again_with_a_warning(tiny_checkpoint, tmp_path, caplog):
+    """A checkpoint written by 2 ranks, read by 1 process: no rank's groups are taken for another's, and the run
+    says it samples them again. (A 1-process checkpoint read by 2 ranks takes the same branch.)"""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    _fit(tiny_checkpoint, tmp_path, max_steps=2, generate_every=2,
+         callbacks=[ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=1, save_top_k=-1)])
+    state = torch.load(tmp_path / "ckpt" / "epoch=0-step=1.ckpt", weights_only=False)["OnlineRolloutDataModule"]
+    one = OnlineRolloutDataModule(env_class=GUESS)
+    one.load_state_dict(state)
+    assert one._prefetched is not None and one._prefetched.first_group == 1
+    two_ranks = {k: v for k, v in state.items() if k != "prefetched"}
+    two_ranks["prefetched_by_rank"] = [state["prefetched"], state["prefetched"]]
+    with caplog.at_level("WARNING", logger="lit_echo"):
+        one.load_state_dict(two_ranks)
+    assert one._prefetched is None and one.groups_trained == 1
+    assert "resuming on 1 rank(s) from a checkpoint written by 2" in caplog.text
+
+
 def test_writing_checkpoints_does_not_change_the_run(tiny_checkpoint, tmp_path):
     """The grid's runs now write checkpoints (published runs did not): saving one only reads the random states,
     so a run with checkpoints ends with the same weights as one without."""

@@ -37,11 +37,11 @@ At the end of a fit the groups prefetched for steps that did not run move there 
 group once, exactly the groups the run's final weights were trained on, in training order; the side file keeps
 the rest (its ``.untrained`` suffix keeps it out of directory reads).
 
-Exact resume: on one process the checkpoint also carries the groups prefetched before it and the random states
-at the save (:mod:`lit_echo.online.resume`). The resumed run trains those groups as they were (written to the
-buffer again) instead of sampling them anew with newer weights, then samples on from the saved random state:
-with the HF backend it is bit-identical to a run that was never interrupted. Several ranks sample their
-untrained groups again (the checkpoint holds rank 0's state only).
+Exact resume: the checkpoint also carries each rank's groups prefetched before it and its random states at the
+save (:mod:`lit_echo.online.resume`). The resumed run trains those groups as they were (written to the buffer
+again) instead of sampling them anew with newer weights, then samples on from the saved random state: with the
+HF backend it is bit-identical to a run that was never interrupted, on one process or several (resumed on the
+same number of ranks; on another number each rank samples its groups again).
 """
 
 from __future__ import annotations
@@ -59,6 +59,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
+import torch
 from torch.utils.data import DataLoader, IterableDataset
 
 from lit_echo.advantages import grpo_advantages
@@ -498,17 +499,27 @@ class OnlineRolloutDataModule(RolloutDataModule):
 
     # ------------------------------------------------------------------ checkpoint state
     def state_dict(self) -> dict[str, Any]:
+        """Counters, and what an exact resume needs: this process's :class:`Prefetched` under ``prefetched``, or
+        on several ranks every rank's, in rank order, under ``prefetched_by_rank``. Lightning writes rank 0's
+        dict only, so on several ranks this gathers them: a collective, called on every rank, as Lightning's
+        ``Trainer.save_checkpoint`` does."""
         state = {**super().state_dict(), "groups_trained": self.groups_trained, "run_id": self.run_id}
         prefetched = self._prefetched_now()
-        if prefetched is not None:
+        trainer = getattr(self, "trainer", None)
+        if trainer is not None and trainer.world_size > 1:
+            mine = None if prefetched is None else prefetched.to_state()
+            every: list[Any] = [None] * trainer.world_size
+            torch.distributed.all_gather_object(every, mine)
+            state["prefetched_by_rank"] = every
+        elif prefetched is not None:
             state["prefetched"] = prefetched.to_state()
         return state
 
     def _prefetched_now(self) -> Prefetched | None:
-        """What an exact resume needs (:mod:`lit_echo.online.resume`); None on several ranks (the checkpoint
-        holds rank 0's state only) or before the first batch."""
+        """What an exact resume needs from this rank (:mod:`lit_echo.online.resume`); None before the first
+        batch."""
         trainer = getattr(self, "trainer", None)
-        if trainer is None or trainer.world_size != 1 or self.groups_generated == 0:
+        if trainer is None or self.groups_generated == 0:
             return None
         indices = [index for index, _ in self._pending]
         if indices != list(range(self.groups_trained, self.groups_generated)):
@@ -527,8 +538,14 @@ class OnlineRolloutDataModule(RolloutDataModule):
             self.run_id = str(state_dict["run_id"])
             self._resumed = True
         self._prefetched = None
-        if "prefetched" in state_dict:
-            prefetched = Prefetched.from_state(state_dict["prefetched"])
+        trainer = getattr(self, "trainer", None)
+        rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+        saved = state_dict.get("prefetched_by_rank", [state_dict.get("prefetched")])
+        if len(saved) != world:
+            log.warning("resuming on %d rank(s) from a checkpoint written by %d: each rank samples its groups "
+                        "after the checkpoint again (not exactly the run that was stopped)", world, len(saved))
+        elif saved[rank] is not None:
+            prefetched = Prefetched.from_state(saved[rank])
             if prefetched.first_group == self.groups_trained:
                 self._prefetched = prefetched
 
@@ -681,8 +698,8 @@ class OnlineRolloutDataModule(RolloutDataModule):
         buffer (the resume set the old copies aside) and trained as they are; the random states of the save are
         then set, so the next group sampled is the one an uninterrupted run would sample. None otherwise."""
         prefetched, self._prefetched = self._prefetched, None
-        if prefetched is None or self.groups_generated != prefetched.first_group or self.trainer.world_size != 1:
-            return None  # several ranks now: rank 0's groups are not this rank's; they sample theirs again
+        if prefetched is None or self.groups_generated != prefetched.first_group:
+            return None
         h = self.hparams
         for first, stats, samples, metrics in prefetched.rounds:
             self._rounds.append(_Round(first, GenerationStats(**stats), samples, metrics))

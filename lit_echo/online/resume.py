@@ -12,10 +12,10 @@ therefore keeps, besides the counters:
 * the random states (``rng``: Python, NumPy, torch CPU and CUDA) as they were at the save, set again just before
   the resumed run samples its first new group.
 
-With the HF backend on one process that makes a resumed run bit-identical to an uninterrupted one (tested).
-Not covered: several ranks (only rank 0's state reaches the checkpoint, so each rank samples its untrained
-groups again, as before), the vLLM engine's own sampling state, and validation rollouts sampled between the
-save and the next training group.
+Each rank keeps its own (gathered into the checkpoint at the save). With the HF backend that makes a resumed run
+bit-identical to an uninterrupted one, on one process or on several DDP ranks resumed on as many (tested).
+Not covered: resuming on another number of ranks (each rank then samples its groups again), the vLLM engine's
+own sampling state, and validation rollouts sampled between the save and the next training group.
 """
 
 from __future__ import annotations
