@@ -19,6 +19,7 @@ import contextlib
 import logging
 import math
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any, Literal
@@ -587,6 +588,9 @@ class EchoModule(L.LightningModule):
         for logger in self.trainer.loggers:
             if hasattr(logger, "_default_hp_metric"):
                 logger._default_hp_metric = False
+        # ModelCheckpoint warns at every save under manual optimization that the checkpoint holds the weights after
+        # the step's update. That is the state a resume at that step needs (it continues with the next update).
+        warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization")
 
     def _store_base_for_precision(self) -> None:
         """``dtype="auto"`` under ``bf16-mixed``: the frozen float32 linear weights stored in bf16 (see ``dtype``).
