@@ -9,7 +9,9 @@ query in bf16). Arms, alternated round by round in one run:
   has native bf16 (today's setting), else plain float32.
 * ``bf16 base, sdpa`` / ``eager`` / ``grouped`` (only where bf16 is native): the frozen base stored in bf16.
 
-Printed: median milliseconds per decode step of each arm and its speed-up over today's arm (float32 base, sdpa).
+Printed: median milliseconds per decode step of each arm, its speed-up over today's arm (float32 base, sdpa) as
+the ratio of medians, and the median of the per-round paired ratios (each round runs every arm once, in
+alternating order, so a load swing hits the arms of a round alike).
 
     python benchmarks/decode_step.py            # SmolLM2-135M-Instruct + LoRA r16, 8 rows, 400-token prompt
     python benchmarks/decode_step.py --tiny     # tiny random model, seconds
@@ -55,6 +57,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20, help="decode steps per arm and round")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1: shared cores)")
+    parser.add_argument("--attention", default="sdpa,eager,grouped",
+                        help="comma-separated attention arms (sdpa, today's, is always measured)")
     args = parser.parse_args()
     model_name = "smollm2-135m-instruct"
     if args.tiny:
@@ -68,7 +72,8 @@ def main() -> None:
             param.data.normal_(0, 0.02)
     weights = BaseWeights(model, {"float32 base": None, **({"bf16 base": torch.bfloat16} if bf16 else {})})
     prompt = [100 + (7 * i) % 1000 for i in range(args.prompt_tokens)]
-    arms = [(base, attention) for base in weights.copies for attention in ("sdpa", "eager", "grouped")]
+    attentions = ["sdpa"] + [a for a in args.attention.split(",") if a in ("eager", "grouped")]
+    arms = [(base, attention) for base in weights.copies for attention in attentions]
     results: dict[tuple[str, str], list[float]] = {arm: [] for arm in arms}
     for round_ in range(args.rounds):
         for base, attention in (arms if round_ % 2 == 0 else arms[::-1]):
@@ -78,9 +83,12 @@ def main() -> None:
     print(f"# {model_name} + LoRA r16, {args.rows} rows after a {args.prompt_tokens}-token prompt, "
           f"{'bf16 autocast' if bf16 else 'float32'} (avx512_bf16: {bf16}), {torch.get_num_threads()} threads, "
           f"{args.rounds} rounds x {args.steps} steps")
+    baseline = results["float32 base", "sdpa"]
     for base, attention in arms:
         ms = statistics.median(results[base, attention])
-        print(f"{base:13s} {attention:8s} {ms:8.1f} ms per decode step  {today / ms:5.2f}x today's")
+        paired = statistics.median(t / m for t, m in zip(baseline, results[base, attention]))
+        print(f"{base:13s} {attention:8s} {ms:8.1f} ms per decode step  {today / ms:5.2f}x today's "
+              f"(median of paired ratios {paired:.2f}x)")
 
 
 if __name__ == "__main__":

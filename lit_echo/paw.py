@@ -144,24 +144,25 @@ def top_fraction(scores: torch.Tensor, fraction: float, *, across_ranks: bool = 
 
 
 def _gather_in_rank_order(values: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """Every rank's 1-D float ``values`` concatenated in rank order, and where this rank's start.
+    """Every rank's 1-D float ``values`` concatenated in rank order, and where this rank's values start.
 
     Two collectives (sizes, then padded values); without an initialized group of several ranks, (values, 0).
     """
     dist = torch.distributed
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return values, 0
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else values.device
+    home = values.device
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else home
     values = values.float().to(device)  # [C]
     sizes = [torch.zeros(1, dtype=torch.long, device=device) for _ in range(dist.get_world_size())]
     dist.all_gather(sizes, torch.tensor([values.numel()], dtype=torch.long, device=device))
     counts = [int(n.item()) for n in sizes]
     if max(counts) == 0:
-        return values, 0
+        return values.to(home), 0
     padded = torch.zeros(max(counts), device=device)  # [max C]
     padded[:values.numel()] = values
     gathered = [torch.empty_like(padded) for _ in counts]
     dist.all_gather(gathered, padded)
     everything = torch.cat([g[:n] for g, n in zip(gathered, counts)])  # [N]
     start = sum(counts[:dist.get_rank()])
-    return everything.to(values.device), start
+    return everything.to(home), start

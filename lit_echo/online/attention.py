@@ -11,7 +11,9 @@ in place:
 with ``g = H / Hkv`` query heads per key/value head (the head order of ``repeat_kv``: query head ``h`` reads
 key/value head ``h // g``). Measured on SmolLM2-135M + LoRA, 8 rows, 400 cached tokens, one thread of a 2-core
 avx512_bf16 CPU: a decode step takes 63-76 ms with bf16 weights (SDPA 138-152 ms, eager 82-105 ms) and
-113-114 ms in float32 (SDPA 113-128 ms); ``benchmarks/decode_step.py`` re-measures it.
+113-114 ms in float32 (SDPA 113-128 ms). On a 2-core AVX2-only CPU in float32 the two are level (grouped
+0.97-1.05x SDPA's speed over three paired runs of 10 rounds, 400 and 800 cached tokens); ``benchmarks/decode_step.py``
+re-measures it.
 
 :func:`decode_attention` is a context manager that switches a model to this implementation for the forwards
 inside it (the mask follows: an additive float mask, as for ``eager``). Anything this function does not model
