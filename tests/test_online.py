@@ -45,7 +45,7 @@ class BatchRecorder(L.Callback):
         self.batches.append(batch)
 
 
-def _fit(checkpoint, tmp_path, max_steps=3, callbacks=(), ckpt_path=None, **data_kwargs):
+def _fit(checkpoint, tmp_path, max_steps=3, callbacks=(), ckpt_path=None, trainer_kwargs=None, **data_kwargs):
     kwargs = dict(env_class="lit_echo.envs.shellworld.ShellWorld", env_kwargs={"split": "train"},
                   group_size=2, groups_per_step=1, generate_every=2, max_new_tokens=8, max_turns=2,
                   max_total_tokens=768, buffer_dir=str(tmp_path / "rollouts"), tokenizer=str(checkpoint),
@@ -57,7 +57,8 @@ def _fit(checkpoint, tmp_path, max_steps=3, callbacks=(), ckpt_path=None, **data
     recorder = BatchRecorder()
     trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=max_steps, logger=TensorBoardLogger(tmp_path / "tb"),
                         enable_checkpointing=bool(callbacks), enable_progress_bar=False, enable_model_summary=False,
-                        num_sanity_val_steps=0, log_every_n_steps=1, callbacks=[recorder, *callbacks])
+                        num_sanity_val_steps=0, log_every_n_steps=1, callbacks=[recorder, *callbacks],
+                        **(trainer_kwargs or {}))
     trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
     return trainer, data, recorder.batches
 
@@ -274,12 +275,19 @@ def test_resume_trains_every_group_once(tiny_checkpoint, tmp_path):
     assert [r.metadata["group_index"] for r in aside] == [3, 3, 1, 1, 2, 2, 3, 3]
 
 
-@pytest.mark.parametrize(("generate_every", "resume_at"), [(1, 1), (2, 1), (2, 2)])
-def test_resume_is_bit_identical_to_an_uninterrupted_run(tiny_checkpoint, tmp_path, generate_every, resume_at):
+VALIDATE_EVERY_STEP = dict(val_env_kwargs={"split": "heldout_trees"}, val_episodes=2)
+
+
+@pytest.mark.parametrize(("generate_every", "resume_at", "validate"),
+                         [(1, 1, False), (2, 1, False), (2, 2, False), (2, 1, True)])
+def test_resume_is_bit_identical_to_an_uninterrupted_run(tiny_checkpoint, tmp_path, generate_every, resume_at,
+                                                          validate):
     """A run resumed from its checkpoint after step ``resume_at`` trains the same batches and ends with the same
     weights, to the bit, as the run that went on: the checkpoint carries the groups prefetched before it (trained
     as they were, not sampled again by newer weights) and the random states (:mod:`lit_echo.online.resume`).
-    With ``generate_every=2`` a resume after step 1 lands inside a round, after step 2 at its start."""
+    With ``generate_every=2`` a resume after step 1 lands inside a round, after step 2 at its start. With
+    ``validate`` the runs sample validation rollouts after every step, between each checkpoint and the next
+    training group."""
     from lightning.pytorch.callbacks import ModelCheckpoint
 
     def checkpoints():
@@ -293,8 +301,9 @@ def test_resume_is_bit_identical_to_an_uninterrupted_run(tiny_checkpoint, tmp_pa
         return [item.rollout for item in RolloutBuffer(tmp_path / "rollouts" / "rollouts-rank0.jsonl",
                                                        shuffle=False)]
 
+    extra = dict(trainer_kwargs={"val_check_interval": 1}, **VALIDATE_EVERY_STEP) if validate else {}
     trainer, _, first = _fit(tiny_checkpoint, tmp_path, max_steps=4, generate_every=generate_every,
-                             callbacks=checkpoints())
+                             callbacks=checkpoints(), **extra)
     uninterrupted, buffer = adapter(trainer), stored()
     checkpoint = torch.load(tmp_path / "ckpt" / f"epoch=0-step={resume_at}.ckpt", weights_only=False)
     state = checkpoint["OnlineRolloutDataModule"]  # Lightning keeps a data module's state under its class name
@@ -303,13 +312,34 @@ def test_resume_is_bit_identical_to_an_uninterrupted_run(tiny_checkpoint, tmp_pa
 
     trainer, data, second = _fit(tiny_checkpoint, tmp_path, max_steps=4, generate_every=generate_every,
                                  callbacks=checkpoints(), ckpt_path=str(tmp_path / "ckpt" /
-                                                                         f"epoch=0-step={resume_at}.ckpt"))
+                                                                         f"epoch=0-step={resume_at}.ckpt"), **extra)
     assert data.groups_trained == 4
     assert [_rows(b) for b in second] == [_rows(b) for b in first[resume_at:]]
     resumed = adapter(trainer)
     assert resumed.keys() == uninterrupted.keys()
     assert all(torch.equal(resumed[name], uninterrupted[name]) for name in resumed)
     assert stored() == buffer  # each trained group once, in order, as the uninterrupted run left it
+
+
+@pytest.mark.parametrize("validation", ["environment", "buffer"])
+def test_validation_does_not_move_the_training_stream(tiny_checkpoint, tmp_path, validation):
+    """A run that validates after every step trains the same batches and ends with the same weights as one that
+    never validates: validation rollouts are sampled on a random stream of their own, and the validation loaders
+    (environment or offline buffer) have their own generator (starting a DataLoader iterator otherwise draws
+    from the global stream)."""
+    def weights(trainer):
+        return {n: p.detach().clone() for n, p in trainer.lightning_module.named_parameters() if p.requires_grad}
+
+    plain, _, plain_batches = _fit(tiny_checkpoint, tmp_path / "plain", max_steps=3)
+    source = VALIDATE_EVERY_STEP if validation == "environment" else {"val_path": str(REPO / "data/sample/val.jsonl")}
+    validating, _, batches = _fit(tiny_checkpoint, tmp_path / "validating", max_steps=3,
+                                  trainer_kwargs={"val_check_interval": 1}, **source)
+    assert [_rows(b) for b in batches] == [_rows(b) for b in plain_batches]
+    a, b = weights(plain), weights(validating)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    logged = _scalars(tmp_path / "validating" / "tb", steps=True)
+    tag = "val/rollout/turns_mean" if validation == "environment" else "val/world/nll_observation"
+    assert len(logged[tag]) == 3  # it did validate, after every step
 
 
 def test_resume_on_another_number_of_ranks_samples_again_with_a_warning(tiny_checkpoint, tmp_path, caplog):

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any, Literal
 
 import lightning as L
+import torch
 from lightning.pytorch.callbacks import Timer
 from torch.utils.data import DataLoader
 
@@ -128,5 +129,7 @@ class RolloutDataModule(L.LightningDataModule):
     def val_dataloader(self) -> DataLoader | list:
         if not self.val_rollouts:
             return []
+        # A generator of its own: starting a DataLoader iterator draws a seed from the global random stream
+        # otherwise, so each validation would move the training's stream (LoRA dropout, online sampling).
         return DataLoader(self.val_rollouts, batch_size=self.hparams.val_batch_size or self.hparams.batch_size,
-                          shuffle=False, collate_fn=self.collator(), num_workers=0)
+                          shuffle=False, collate_fn=self.collator(), num_workers=0, generator=torch.Generator())

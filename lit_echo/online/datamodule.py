@@ -41,7 +41,9 @@ Exact resume: the checkpoint also carries each rank's groups prefetched before i
 save (:mod:`lit_echo.online.resume`). The resumed run trains those groups as they were (written to the buffer
 again) instead of sampling them anew with newer weights, then samples on from the saved random state: with the
 HF backend it is bit-identical to a run that was never interrupted, on one process or several (resumed on the
-same number of ranks; on another number each rank samples its groups again).
+same number of ranks; on another number each rank samples its groups again). Validation rollouts are sampled on
+a random stream of their own and the validation loaders have their own generator, so validating never moves the
+training stream: a run trains the same with or without validation.
 """
 
 from __future__ import annotations
@@ -70,7 +72,7 @@ from lit_echo.online.agent import run_agent
 from lit_echo.online.env_runner import ProcessEnv, WorkerError, close_quietly
 from lit_echo.online.generator import GenerationStats, GroupGenerator, SamplingSettings
 from lit_echo.online.reporting import log_generation
-from lit_echo.online.resume import Prefetched, rng_states, set_rng_states
+from lit_echo.online.resume import Prefetched, rng_states, separate_random_stream, set_rng_states
 from lit_echo.online.vllm_engine import VLLMSampler, VLLMSettings, check_vllm_installed, engine_dtype
 from lit_echo.online.writer import RolloutWriter
 from lit_echo.rollout import Rollout
@@ -809,8 +811,9 @@ class OnlineRolloutDataModule(RolloutDataModule):
         settings = self._settings(self._temperature(h.val_temperature))
         old, self._val_generators = self._val_generators, {}
         self._val_generators = self._new_generators(old, self.val_env_specs, settings)
+        # A generator of its own: starting a DataLoader iterator draws a seed from the global stream otherwise.
         return DataLoader(_Stream(self._validation_items), batch_size=h.val_batch_size or h.batch_size,
-                          collate_fn=self.collator(), num_workers=0)
+                          collate_fn=self.collator(), num_workers=0, generator=torch.Generator())
 
     def _validation_items(self) -> Iterator[Rollout]:
         """``val_episodes`` held-out rollouts, split evenly over ranks (every rank runs the same count, so the
@@ -824,7 +827,10 @@ class OnlineRolloutDataModule(RolloutDataModule):
         per_batch = (h.groups_per_batch or h.groups_per_step) * h.group_size  # rows sampled together
         try:
             for start in range(0, len(seeds), per_batch):
-                with self._forward_context():
+                # Sampled on its own random stream (seeded by the batch's first task): validation neither moves
+                # the training stream (a run trains the same with or without it, and resumes exactly) nor
+                # depends on it (every validation samples with the same random numbers).
+                with self._forward_context(), separate_random_stream(seeds[start]):
                     groups, group_stats = self._generate_by_env(self._val_generators, self.val_env_specs,
                                                                 seeds[start:start + per_batch], 1, id_prefix="val-")
                 stats += group_stats

@@ -12,15 +12,19 @@ therefore keeps, besides the counters:
 * the random states (``rng``: Python, NumPy, torch CPU and CUDA) as they were at the save, set again just before
   the resumed run samples its first new group.
 
-Each rank keeps its own (gathered into the checkpoint at the save). With the HF backend that makes a resumed run
-bit-identical to an uninterrupted one, on one process or on several DDP ranks resumed on as many (tested).
-Not covered: resuming on another number of ranks (each rank then samples its groups again), the vLLM engine's
-own sampling state, and validation rollouts sampled between the save and the next training group.
+Each rank keeps its own (gathered into the checkpoint at the save). Validation rollouts are sampled on a random
+stream of their own (:func:`separate_random_stream`), so validating, wherever it falls, does not move the
+training stream. With the HF backend that makes a resumed run bit-identical to an uninterrupted one, on one
+process or on several DDP ranks resumed on as many, with or without validation in between (tested). Not covered:
+resuming on another number of ranks (each rank then samples its groups again) and the vLLM engine's own
+sampling state.
 """
 
 from __future__ import annotations
 
+import contextlib
 import random
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -55,6 +59,24 @@ def set_rng_states(states: dict[str, Any]) -> None:
         np.random.set_state((name, np.array(keys, dtype=np.uint32), position, has_gauss, gauss))
     if "cuda" in states and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(states["cuda"])
+
+
+@contextlib.contextmanager
+def separate_random_stream(seed: int) -> Iterator[None]:
+    """Run the block on a random stream of its own: Python's, NumPy's and torch's generators seeded with ``seed``
+    inside, every state put back as it was afterwards. What the block draws (validation rollouts) then neither
+    moves the training stream nor depends on where it stood."""
+    saved = rng_states()
+    random.seed(seed)
+    torch.manual_seed(seed)
+    if "numpy" in saved:
+        import numpy as np
+
+        np.random.seed(seed % 2**32)
+    try:
+        yield
+    finally:
+        set_rng_states(saved)
 
 
 @dataclass
