@@ -422,8 +422,8 @@ class EchoModule(L.LightningModule):
         ACTION tokens under the current policy, so the choice does not depend on ``micro_batch_size``. The
         entropies come from one no-grad pass over the step's micro-batches before the first backward (the LM head
         on ACTION positions only); the loss normalizers need the selection before any gradient is taken. Under
-        DDP the transitions of every rank are ranked together (one all-gather of their scores), so two ranks keep
-        what one process would keep from their rows together.
+        DDP the transitions of every rank are ranked together (all-gathers of their counts and scores), so two
+        ranks keep what one process would keep from their rows together.
         """
         fraction = self.loss_config.paw.select_fraction
         if fraction is None:

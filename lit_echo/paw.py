@@ -85,7 +85,7 @@ def select_transitions_by_entropy(entropy: torch.Tensor, roles: torch.Tensor,
         transition_ids: [B, T] integer transition of each token (negative: none), e.g.
             ``transition_ids_from_roles(roles)``; or None.
         fraction: alpha, the share of transitions kept (PaW: 0.75).
-        across_ranks: under torch.distributed, rank the transitions of every rank together (one all-gather of
+        across_ranks: under torch.distributed, rank the transitions of every rank together (all-gathers of
             the candidates' scores; rank order, then row order, breaks ties), so data-parallel ranks keep the
             same transitions one process would keep from their rows together. False: this rank's rows only.
     Returns:
