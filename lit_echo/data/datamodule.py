@@ -129,7 +129,12 @@ class RolloutDataModule(L.LightningDataModule):
     def val_dataloader(self) -> DataLoader | list:
         if not self.val_rollouts:
             return []
-        # A generator of its own: starting a DataLoader iterator draws a seed from the global random stream
-        # otherwise, so each validation would move the training's stream (LoRA dropout, online sampling).
-        return DataLoader(self.val_rollouts, batch_size=self.hparams.val_batch_size or self.hparams.batch_size,
-                          shuffle=False, collate_fn=self.collator(), num_workers=0, generator=torch.Generator())
+        return self._validation_loader(self.val_rollouts)
+
+    def _validation_loader(self, dataset) -> DataLoader:
+        """The loader of every validation (a held-out buffer here, environment episodes in the online module),
+        in order, in-process. It has a generator of its own: starting a DataLoader iterator draws a seed from the
+        global random stream otherwise, so each validation would move the training's stream (LoRA dropout,
+        online sampling)."""
+        return DataLoader(dataset, batch_size=self.hparams.val_batch_size or self.hparams.batch_size, shuffle=False,
+                          collate_fn=self.collator(), num_workers=0, generator=torch.Generator())

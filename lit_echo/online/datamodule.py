@@ -811,9 +811,7 @@ class OnlineRolloutDataModule(RolloutDataModule):
         settings = self._settings(self._temperature(h.val_temperature))
         old, self._val_generators = self._val_generators, {}
         self._val_generators = self._new_generators(old, self.val_env_specs, settings)
-        # A generator of its own: starting a DataLoader iterator draws a seed from the global stream otherwise.
-        return DataLoader(_Stream(self._validation_items), batch_size=h.val_batch_size or h.batch_size,
-                          collate_fn=self.collator(), num_workers=0, generator=torch.Generator())
+        return self._validation_loader(_Stream(self._validation_items))
 
     def _validation_items(self) -> Iterator[Rollout]:
         """``val_episodes`` held-out rollouts, split evenly over ranks (every rank runs the same count, so the
