@@ -72,7 +72,12 @@ def main() -> None:
             param.data.normal_(0, 0.02)
     weights = BaseWeights(model, {"float32 base": None, **({"bf16 base": torch.bfloat16} if bf16 else {})})
     prompt = [100 + (7 * i) % 1000 for i in range(args.prompt_tokens)]
-    attentions = ["sdpa"] + [a for a in args.attention.split(",") if a in ("eager", "grouped")]
+    wanted = [a for a in args.attention.split(",") if a]
+    unknown = sorted(set(wanted) - {"sdpa", "eager", "grouped"})
+    if unknown:
+        parser.error(f"--attention: unknown arm(s) {unknown}; expected a comma-separated list of sdpa, eager, "
+                     "grouped")
+    attentions = ["sdpa"] + [a for a in ("eager", "grouped") if a in wanted]
     arms = [(base, attention) for base in weights.copies for attention in attentions]
     results: dict[tuple[str, str], list[float]] = {arm: [] for arm in arms}
     for round_ in range(args.rounds):
