@@ -9,6 +9,11 @@
     lit-echo evaluate --adapter runs/demo/adapter ...                # held-out agent + world metrics (evaluate.py)
     lit-echo export --model smollm2-135m-instruct --adapter DIR --out DIR   # merged full model
 
+A mistake in the configuration or the input files (an option out of range, a missing path, an environment that
+cannot be built, a bad record) ends the command with one line naming it and exit status 2; set
+``LIT_ECHO_TRACEBACK=1`` for the traceback. Class paths may name modules in the working directory
+(``--data.init_args.env_class my_env.MyEnv`` with ``my_env.py`` there), as under ``python -m``.
+
 ``test`` and ``predict`` are not offered: ``validate`` is the world-model evaluation on a held-out buffer and
 ``evaluate`` plays the policy in an environment, which is what they would do.
 """
@@ -17,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from typing import Literal
 
@@ -27,6 +33,7 @@ from lightning.pytorch.trainer.connectors.accelerator_connector import _PRECISIO
 from lit_echo.data.datamodule import RolloutDataModule
 from lit_echo.module import EchoModule, TrainerSettingError, check_trainer_settings
 from lit_echo.precision import accelerator_device_type, resolve_precision
+from lit_echo.user_errors import report_user_errors
 
 log = logging.getLogger(__name__)
 
@@ -112,8 +119,22 @@ def export(argv: list[str] | None = None) -> None:
     print(f"wrote {args.out}")
 
 
+def _search_working_directory() -> None:
+    """Let class paths name modules in the working directory, as ``python -m`` does; appended after the installed
+    packages, so a local folder never shadows one."""
+    if "" not in sys.path and os.getcwd() not in sys.path:
+        sys.path.append(os.getcwd())
+
+
 def main(argv: list[str] | None = None) -> None:
-    """Console-script entry point (``lit-echo``): the LightningCLI subcommands, or one of the TOOLS."""
+    """Console-script entry point (``lit-echo``): the LightningCLI subcommands, or one of the TOOLS. A mistake in
+    the configuration or the files is one line and exit status 2 (:mod:`lit_echo.user_errors`)."""
+    _search_working_directory()
+    with report_user_errors("lit-echo"):
+        _dispatch(argv)
+
+
+def _dispatch(argv: list[str] | None) -> None:
     tool = (sys.argv[1:] if argv is None else argv)[:1]
     rest = (sys.argv[2:] if argv is None else argv[1:])
     if tool == ["evaluate"]:

@@ -19,9 +19,9 @@ from pathlib import Path
 import torch
 
 from lit_echo import models
-from lit_echo.data.buffer import RolloutBuffer
+from lit_echo.data.buffer import RolloutBuffer, check_rollout_paths
 from lit_echo.data.collate import RolloutCollator, pad_token_id
-from lit_echo.envs.base import import_env_class
+from lit_echo.envs.base import import_env_class, import_object
 from lit_echo.envs.shellworld.expert import seed_range
 from lit_echo.metrics import world_model_sums
 from lit_echo.online.generator import GroupGenerator, SamplingSettings
@@ -111,6 +111,11 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> dict:
                              "most GPUs), else fp32 (bf16 is several times slower than fp32 on AVX2-only CPUs)")
     parser.add_argument("--out", default=None, help="write the results as JSON here")
     args = parser.parse_args(argv)
+    # Mistakes stop here, naming the option, before the model loads.
+    if args.adapter is not None:
+        models.check_adapter_dir(args.adapter, option="--adapter")
+    check_rollout_paths("--world-buffer", args.world_buffer)
+    import_object(args.env_class, "--env-class")
 
     torch.manual_seed(args.torch_seed)
     started = time.perf_counter()
@@ -139,4 +144,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    from lit_echo.user_errors import report_user_errors
+
+    with report_user_errors("python -m lit_echo.evaluate"):
+        main()

@@ -1,6 +1,7 @@
 """Portable adapters: hub id of the base, tokenizer beside the adapter, merged export, plain peft round trips."""
 
 import json
+import re
 import warnings
 from pathlib import Path
 
@@ -106,10 +107,12 @@ def test_lit_echo_export_merges_an_adapter_directory(tiny_checkpoint, tmp_path):
     assert AutoTokenizer.from_pretrained(tmp_path / "merged").chat_template
 
 
-def test_lit_echo_export_names_a_wrong_adapter_directory(tiny_checkpoint, tmp_path):
-    with pytest.raises(FileNotFoundError, match=r"--adapter='.*nowhere' .*does not exist"):
+def test_lit_echo_export_names_a_wrong_adapter_directory(tiny_checkpoint, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:  # a mistake in the input: one line, exit status 2
         main(["export", "--model", str(tiny_checkpoint), "--adapter", str(tmp_path / "nowhere"),
               "--out", str(tmp_path / "merged")])
+    assert exit_info.value.code == 2
+    assert re.search(r"^lit-echo: error: --adapter='.*nowhere' does not exist", capsys.readouterr().err, re.M)
 
 
 def _missing_key_warnings(records) -> list[str]:

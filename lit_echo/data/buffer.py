@@ -59,6 +59,20 @@ def expand_paths(paths: str | os.PathLike | Sequence[str | os.PathLike]) -> list
     return find_files(paths, _SUFFIXES, what="rollout files (.jsonl, .jsonl.gz)")
 
 
+def check_rollout_paths(option: str, paths: str | os.PathLike | Sequence[str | os.PathLike] | None) -> None:
+    """FileNotFoundError naming the configuration ``option`` (e.g. ``"data.train_path"``) unless ``paths`` names
+    rollout files; a relative path's error says which working directory it was resolved against. None passes."""
+    if paths is None:
+        return
+    try:
+        expand_paths(paths)
+    except FileNotFoundError as err:
+        items = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
+        relative = any(not os.path.isabs(os.path.expanduser(str(p))) for p in items)
+        note = f" (relative paths are resolved against the working directory {os.getcwd()})" if relative else ""
+        raise FileNotFoundError(f"{option}: {err}{note}") from None
+
+
 def _gzip_chunks(fh) -> Iterator[bytes]:
     """Decompressed bytes of a (possibly multi-member) gzip stream, yielded as they come in bounded pieces, so a
     file cut short or corrupted still gives everything before the damage before the error. An empty file gives

@@ -9,7 +9,7 @@ import torch
 from lightning.pytorch.callbacks import Timer
 from torch.utils.data import DataLoader
 
-from lit_echo.data.buffer import RolloutBuffer
+from lit_echo.data.buffer import RolloutBuffer, check_rollout_paths
 from lit_echo.data.collate import RolloutCollator, pad_token_id
 from lit_echo.pretrained import load_tokenizer
 
@@ -71,6 +71,9 @@ class RolloutDataModule(L.LightningDataModule):
                  num_workers: int = 0, on_bad_record: Literal["raise", "skip"] = "raise",
                  grpo_scale_by_std: bool = True, advantage: float | None = None):
         super().__init__()
+        # A missing input stops the run here, naming the option, before a model is loaded.
+        check_rollout_paths("data.train_path", train_path)
+        check_rollout_paths("data.val_path", val_path)
         self.save_hyperparameters()
         self._tokenizer: Any = None
         self.val_rollouts: list | None = None

@@ -65,7 +65,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset
 
 from lit_echo.advantages import grpo_advantages
-from lit_echo.data.buffer import BufferItem, expand_paths
+from lit_echo.data.buffer import BufferItem, check_rollout_paths
 from lit_echo.data.datamodule import RolloutDataModule
 from lit_echo.envs.base import Environment, EnvSpec, import_env_class, import_object  # noqa: F401  (import_env_class re-exported)
 from lit_echo.online.agent import run_agent
@@ -234,22 +234,6 @@ def _vllm_settings(values: dict[str, Any] | None) -> VLLMSettings:
     if unknown:
         raise ValueError(f"data.vllm: unknown setting(s) {unknown}; expected keys among {known}")
     return VLLMSettings(**values)
-
-
-def _relative_note(paths: str | list[str]) -> str:
-    items = [paths] if isinstance(paths, str) else list(paths)
-    if any(not os.path.isabs(os.path.expanduser(str(p))) for p in items):
-        return f" (relative paths are resolved against the working directory {os.getcwd()})"
-    return ""
-
-
-def _check_readable(option: str, paths: str | list[str] | None) -> None:
-    if paths is None:
-        return
-    try:
-        expand_paths(paths)
-    except FileNotFoundError as err:
-        raise FileNotFoundError(f"{option}: {err}{_relative_note(paths)}") from None
 
 
 def _check_writable(option: str, path: Path, note: str) -> None:
@@ -465,8 +449,7 @@ class OnlineRolloutDataModule(RolloutDataModule):
         for spec in self.val_env_specs:
             _check_env(spec, val_seed, f"data.val_env_kwargs (merged over the training kwargs of {spec.option})",
                        env_isolation, env_step_timeout_s)
-        _check_readable("data.offline_path", offline_path)
-        _check_readable("data.val_path", val_path)
+        check_rollout_paths("data.offline_path", offline_path)  # data.val_path: RolloutDataModule checks it
         if buffer_dir is not None and os.path.isabs(os.path.expanduser(buffer_dir)):
             _check_writable("data.buffer_dir", Path(buffer_dir).expanduser(), "")
 
