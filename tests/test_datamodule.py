@@ -117,3 +117,20 @@ def test_fit_on_an_all_bad_buffer_stops_with_a_clear_error(tiny_checkpoint, tmp_
     assert proc.returncode != 0
     assert "EmptyStreamError: no usable rollout" in proc.stderr and "every record of this reader's" in proc.stderr
     assert proc.stderr.count("skipping bad record") <= 10
+
+
+def test_no_validation_buffer_skips_validation_without_lightning_warning(tiny_checkpoint, tmp_path):
+    """Without val_path the module returns Lightning's empty list (skip validation); Lightning's warning that the
+    list is empty ("Please make sure this was your intention") is not shown: it is the intention."""
+    import warnings
+
+    from lit_echo import EchoModule
+
+    data = RolloutDataModule(str(TRAIN), tokenizer=str(tiny_checkpoint), batch_size=4, max_length=128)
+    trainer = L.Trainer(max_steps=1, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(EchoModule(str(tiny_checkpoint), lora_rank=4, lr=1e-3), datamodule=data)
+    assert trainer.global_step == 1 and data.val_dataloader() == []
+    assert not [w for w in caught if "across ranks is zero" in str(w.message)]

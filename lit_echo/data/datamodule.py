@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Literal
 
 import lightning as L
@@ -131,6 +132,10 @@ class RolloutDataModule(L.LightningDataModule):
 
     def val_dataloader(self) -> DataLoader | list:
         if not self.val_rollouts:
+            # No validation configured: Lightning's way to skip it is an empty list, about which it then warns
+            # ("Total length of `list` across ranks is zero. Please make sure this was your intention") at every
+            # validation point. It is the intention here.
+            warnings.filterwarnings("ignore", message="Total length of `list` across ranks is zero")
             return []
         return self._validation_loader(self.val_rollouts)
 
