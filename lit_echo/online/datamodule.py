@@ -33,7 +33,9 @@ when a batch is transferred, not when it is prefetched). On resume, the records 
 ``group_index >= groups_trained`` at the end of the buffer (groups prefetched for steps that never ran, and
 groups trained after the checkpoint by weights the resume discards) move to ``rollouts-rank{R}.jsonl.untrained``
 beside it, and training continues at group ``groups_trained`` (the tasks an uninterrupted run would play next).
-At the end of a fit the groups prefetched for steps that did not run move there too. So the buffer holds each
+At the end of a fit the groups prefetched for steps that did not run move there too (the later steps of a
+``generate_every`` round that reaches past ``trainer.max_steps``; no round starts past it: the stream ends at the
+last step instead of sampling for Lightning's look-ahead). So the buffer holds each
 group once, exactly the groups the run's final weights were trained on, in training order; the side file keeps
 the rest (its ``.untrained`` suffix keeps it out of directory reads).
 
@@ -673,10 +675,24 @@ class OnlineRolloutDataModule(RolloutDataModule):
             offline = iter(self._buffer(self.hparams.offline_path, skip_batches=self.batches_trained,
                                         batch_size=self.offline_per_step))
         while True:
-            for rollouts in self._replay_prefetched() or self._generate_round():
+            steps = self._replay_prefetched()
+            if steps is None:
+                if self._after_the_last_step():
+                    return  # Lightning's look-ahead for step max_steps ends the stream instead of sampling for it
+                steps = self._generate_round()
+            for rollouts in steps:
                 yield from rollouts
                 for _ in range(self.offline_per_step):
                     yield next(offline)
+
+    def _after_the_last_step(self) -> bool:
+        """The next round would train from step ``trainer.max_steps`` on, which never runs. Lightning fetches one
+        batch ahead of the step it trains, so without this check every fit ended by sampling a round for nothing
+        (in the 3-step demo a quarter of the generation); the stream ends instead, and the last batch ends the
+        epoch at the last step. The batches of the steps that run are the same: they were sampled before it."""
+        max_steps = self.trainer.max_steps
+        return max_steps is not None and max_steps >= 0 and \
+            self.groups_generated // self.hparams.groups_per_step >= max_steps
 
     def _replay_prefetched(self) -> list[list[Rollout]] | None:
         """On an exact resume, once: the checkpoint's untrained groups, one list per step, written again to the
@@ -826,7 +842,7 @@ class OnlineRolloutDataModule(RolloutDataModule):
     def teardown(self, stage: str) -> None:
         if self._writer is not None:
             if stage == "fit":
-                # Groups prefetched for steps that did not run (see "Exactly once").
+                # Groups prefetched for steps that did not run: a round reaching past max_steps (see "Exactly once").
                 self._writer.set_aside_tail(self._untrained)
             self._writer.close()
             self._writer = None
