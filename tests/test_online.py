@@ -278,6 +278,16 @@ def test_resume_trains_every_group_once(tiny_checkpoint, tmp_path):
 VALIDATE_EVERY_STEP = dict(val_env_kwargs={"split": "heldout_trees"}, val_episodes=2)
 
 
+def test_validation_by_epoch_runs_once_at_the_last_step(tiny_checkpoint, tmp_path):
+    """With Lightning's default ``val_check_interval`` (1.0: at the end of each epoch) a configured validation
+    used to never run: the online epoch was endless. The stream now ends at ``max_steps``, so the epoch ends at the
+    last step and validates there, once."""
+    trainer, data, batches = _fit(tiny_checkpoint, tmp_path, max_steps=2, generate_every=1, **VALIDATE_EVERY_STEP)
+    scalars = _scalars(tmp_path / "tb", steps=True)
+    assert [step for step, _ in scalars.get("val/rollout/success_rate", [])] == [2]
+    assert trainer.global_step == 2 and len(batches) == 2 and data.groups_generated == 2
+
+
 @pytest.mark.parametrize(("generate_every", "resume_at", "validate"),
                          [(1, 1, False), (2, 1, False), (2, 2, False), (2, 1, True)])
 def test_resume_is_bit_identical_to_an_uninterrupted_run(tiny_checkpoint, tmp_path, generate_every, resume_at,
