@@ -689,10 +689,9 @@ class OnlineRolloutDataModule(RolloutDataModule):
         """The next round would train from step ``trainer.max_steps`` on, which never runs. Lightning fetches one
         batch ahead of the step it trains, so without this check every fit ended by sampling a round for nothing
         (in the 3-step demo a quarter of the generation); the stream ends instead, and the last batch ends the
-        epoch at the last step. The batches of the steps that run are the same: they were sampled before it."""
-        max_steps = self.trainer.max_steps
-        return max_steps is not None and max_steps >= 0 and \
-            self.groups_generated // self.hparams.groups_per_step >= max_steps
+        epoch at the last step. The batches of the steps that run are the same: they were sampled before it.
+        (``setup`` has made sure ``trainer.max_steps`` is set.)"""
+        return self.groups_generated // self.hparams.groups_per_step >= self.trainer.max_steps
 
     def _replay_prefetched(self) -> list[list[Rollout]] | None:
         """On an exact resume, once: the checkpoint's untrained groups, one list per step, written again to the
