@@ -60,6 +60,7 @@ from dataclasses import dataclass, field, fields, replace
 
 import torch
 
+from lit_echo.distributed import collective_device
 from lit_echo.roles import Role
 
 POLICY_AGGS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum", "seq_mean_token_sum_norm")
@@ -159,8 +160,7 @@ class LossNormalizers:
         """Sum the counts and take the max ``seq_len`` over data-parallel ranks (no-op without torch.distributed)."""
         if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
             return self
-        backend = torch.distributed.get_backend(group)
-        device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
+        device = collective_device(group)
         counts = torch.tensor([self.num_sequences, self.action_tokens, self.world_tokens], dtype=torch.float64,
                               device=device)  # [3]
         seq_len = torch.tensor([self.seq_len], dtype=torch.float64, device=device)  # [1]

@@ -12,6 +12,7 @@ import math
 
 import torch
 
+from lit_echo.distributed import collective_device
 from lit_echo.roles import Role
 
 
@@ -152,7 +153,7 @@ def _gather_in_rank_order(values: torch.Tensor) -> tuple[torch.Tensor, int]:
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return values, 0
     home = values.device
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else home
+    device = collective_device()
     values = values.float().to(device)  # [C]
     sizes = [torch.zeros(1, dtype=torch.long, device=device) for _ in range(dist.get_world_size())]
     dist.all_gather(sizes, torch.tensor([values.numel()], dtype=torch.long, device=device))

@@ -33,7 +33,8 @@ def test_the_maths_and_the_package_import_without_lightning_or_transformers(stat
 
 
 # The pure-torch maths layer: no model library and no module above it, not even inside a function.
-MATHS = ("losses", "logprobs", "advantages", "paw", "schedules", "entropy_guard", "roles", "metrics")
+MATHS = ("losses", "logprobs", "advantages", "paw", "schedules", "entropy_guard", "roles", "metrics",
+         "distributed")
 ABOVE_THE_MATHS = ("lit_echo.models", "lit_echo.module", "lit_echo.pretrained", "lit_echo.cli", "lit_echo.online",
                    "lit_echo.data", "transformers", "peft", "bitsandbytes", "lightning")
 
