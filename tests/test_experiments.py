@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -401,6 +402,21 @@ def test_a_grid_of_another_precision_names_the_machine_it_needs(tmp_path):
     with pytest.raises(ValueError, match=r"trained with precision bf16-mixed, and this machine resolves precision "
                                          r"'auto' to 32-true .*continue it on a machine that runs bf16-mixed"):
         Grid(dataclasses.replace(ROUND2, precision="32-true"), out, REPO / "data" / "shellworld")
+    # Writing the report trains nothing: any machine may read the points, and the grid keeps its own precision.
+    reader = Grid(dataclasses.replace(ROUND2, precision="32-true"), out, REPO / "data" / "shellworld",
+                  report_only=True)
+    assert reader.spec.precision == "bf16-mixed"
+    assert json.loads((out / "spec.json").read_text())["precision"] == "bf16-mixed"
+
+
+def test_the_published_round2_report_is_rewritten_the_same_on_any_machine(tmp_path):
+    """``--report-only`` on a copy of results/round2 (trained in bf16-mixed) writes back the committed report."""
+    from lit_echo.experiments.compare import main
+
+    copy = tmp_path / "round2"
+    shutil.copytree(REPO / "results" / "round2", copy)
+    main(["--grid", "round2", "--out", str(copy), "--data-dir", str(REPO / "data" / "shellworld"), "--report-only"])
+    assert (copy / "results.md").read_text() == (REPO / "results" / "round2" / "results.md").read_text()
 
 
 def test_a_grid_directory_made_before_new_spec_fields_is_still_accepted(tmp_path):

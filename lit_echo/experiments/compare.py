@@ -221,10 +221,15 @@ def evaluate(spec: GridSpec, adapter: Path, point_dir: Path, expert_buffer: Path
 
 
 class Grid:
-    """The comparison under ``out`` for ``spec``; ``data_dir`` holds the ShellWorld expert buffers."""
+    """The comparison under ``out`` for ``spec``; ``data_dir`` holds the ShellWorld expert buffers.
 
-    def __init__(self, spec: GridSpec, out: Path, data_dir: Path):
+    ``report_only``: the grid only writes its report, so a directory trained in another precision than this
+    machine's is accepted (its own precision is kept): reading published points needs no comparable hardware.
+    """
+
+    def __init__(self, spec: GridSpec, out: Path, data_dir: Path, *, report_only: bool = False):
         self.spec = spec
+        self.report_only = report_only
         self.out = out
         self.data_dir = data_dir
         self.arms = arms(spec.online_steps, spec.arm_set)
@@ -249,6 +254,9 @@ class Grid:
             wanted = json.loads(json.dumps(wanted))  # as JSON holds it (tuples as lists)
             if found != wanted:
                 changed = sorted(k for k in set(found) | set(wanted) if found.get(k) != wanted.get(k))
+                if changed == ["precision"] and self.report_only:
+                    self.spec = dataclasses.replace(self.spec, precision=found["precision"])
+                    return
                 if changed == ["precision"]:
                     raise ValueError(
                         f"{path}: this grid was trained with precision {found['precision']}, and this machine "
@@ -513,7 +521,7 @@ def main(argv: list[str] | None = None) -> Summary:
     if args.resume_from is not None:
         _resume_from(Path(args.resume_from), out)
     try:
-        grid = Grid(spec, out.resolve(), Path(args.data_dir).resolve())
+        grid = Grid(spec, out.resolve(), Path(args.data_dir).resolve(), report_only=args.report_only)
     except (ValueError, FileNotFoundError) as err:  # another grid's directory, missing buffers: say it, no trace
         raise SystemExit(f"error: {err}") from None
     arm_names = None if args.arms is None else _names(args.arms, [a.name for a in grid.arms], "arms")

@@ -26,7 +26,7 @@ COLUMNS = KEY_COLUMNS + METRIC_COLUMNS
 Row = dict[str, float | int | str]
 
 
-def _parse(value: str) -> float:
+def _parse_number(value: str) -> float:
     return math.nan if value == "" else float(value)
 
 
@@ -36,36 +36,72 @@ def _format(value) -> str:
     return str(value)
 
 
-class ResultsFile:
-    """The rows of ``path`` (read at construction) and :meth:`add` to append one durably.
+class _SharedCsv:
+    """A small CSV file that several grid processes share: its rows are read at construction, and every change
+    (:meth:`_rewrite`) holds an exclusive lock on ``path.lock``, re-reads the file, and writes it back whole through
+    a temporary file and ``os.replace``, so no process drops another's rows and a kill never leaves half a row.
 
-    Several grid processes may share one file (e.g. ``--arms mask`` and ``--arms echo`` side by side, each on
-    one core): :meth:`add` holds an exclusive lock on ``path.lock``, re-reads the file and writes it back with
-    the new row, so no process drops another's rows.
+    A subclass gives ``columns``, :meth:`_parse` (one record to a row; a ValueError or TypeError there says what the
+    line should hold) and optionally :meth:`_sort_key`.
     """
+
+    columns: list[str]
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
         self.rows: list[Row] = self._read()
 
+    def _parse(self, record: dict[str, str]) -> Row:
+        raise NotImplementedError
+
+    def _sort_key(self, row: Row):
+        return 0  # keep the order rows were written in
+
     def _read(self) -> list[Row]:
-        rows: list[Row] = []
         if not self.path.exists():
-            return rows
+            return []
+        rows: list[Row] = []
         with open(self.path, newline="") as fh:
             reader = csv.DictReader(fh)
-            if reader.fieldnames != COLUMNS:
+            if reader.fieldnames != self.columns:
                 raise ValueError(f"{self.path}: header {reader.fieldnames} is not this version's columns "
-                                 f"{COLUMNS}; move the file away or use another --out directory")
+                                 f"{self.columns}; move the file away or use another --out directory")
             for line, record in enumerate(reader, start=2):
                 try:
-                    row: Row = {"arm": record["arm"], "seed": int(record["seed"]), "step": int(record["step"])}
-                    row.update({name: _parse(record[name]) for name in METRIC_COLUMNS})
+                    rows.append(self._parse(record))
                 except (TypeError, ValueError) as err:
-                    raise ValueError(f"{self.path}:{line}: expected numbers in columns seed, step and the "
-                                     f"metrics ({err})") from err
-                rows.append(row)
+                    raise ValueError(f"{self.path}:{line}: {err}") from err
         return rows
+
+    def _rewrite(self, keep, new_rows: list[Row]) -> None:
+        """Under the lock: the file's current rows that ``keep`` accepts, plus ``new_rows``, written atomically."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path.with_name(self.path.name + ".lock"), "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+            rows = sorted([r for r in self._read() if keep(r)] + new_rows, key=self._sort_key)
+            _write_atomically(self.path, self.columns, rows)
+            self.rows = rows
+
+
+class ResultsFile(_SharedCsv):
+    """``results.csv``: the metrics of each evaluation point; :meth:`add` replaces one point durably.
+
+    Several grid processes may share one file (e.g. ``--arms mask`` and ``--arms echo`` side by side, each on
+    one core), hence the lock-and-rewrite of :class:`_SharedCsv`.
+    """
+
+    columns = COLUMNS
+
+    def _parse(self, record: dict[str, str]) -> Row:
+        try:
+            row: Row = {"arm": record["arm"], "seed": int(record["seed"]), "step": int(record["step"])}
+            row.update({name: _parse_number(record[name]) for name in METRIC_COLUMNS})
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"expected numbers in columns seed, step and the metrics ({err})") from err
+        return row
+
+    def _sort_key(self, row: Row):
+        return row["arm"] != WARM_START, str(row["arm"]), row["seed"], row["step"]
 
     def has(self, arm: str, seed: int, step: int) -> bool:
         return any(r["arm"] == arm and r["seed"] == seed and r["step"] == step for r in self.rows)
@@ -81,16 +117,6 @@ class ResultsFile:
         """Drop every row of run ``arm`` seed ``seed`` (they belong to an earlier run of that name)."""
         if any(r["arm"] == arm and r["seed"] == seed for r in self._read()):
             self._rewrite(lambda r: (r["arm"], r["seed"]) != (arm, seed), [])
-
-    def _rewrite(self, keep, new_rows: list[Row]) -> None:
-        """Under the lock: the file's current rows that ``keep`` accepts, plus ``new_rows``, written atomically."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.path.with_name(self.path.name + ".lock"), "w") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
-            rows = [r for r in self._read() if keep(r)] + new_rows
-            rows.sort(key=lambda r: (r["arm"] != WARM_START, str(r["arm"]), r["seed"], r["step"]))
-            _write_atomically(self.path, COLUMNS, rows)
-            self.rows = rows
 
 
 def _write_atomically(path: Path, columns: list[str], rows: list[Row]) -> None:
@@ -109,30 +135,21 @@ def _write_atomically(path: Path, columns: list[str], rows: list[Row]) -> None:
 TASK_COLUMNS = ["arm", "seed", "step", "split", "task", "wins", "episodes"]
 
 
-class TasksFile:
+class TasksFile(_SharedCsv):
     """``tasks.csv``: per evaluation point and split, each task's episodes won and played (:meth:`rates`);
-    :meth:`add` replaces one point's tasks under the same lock-and-rewrite scheme as :class:`ResultsFile`."""
+    :meth:`add` replaces one point's tasks."""
 
-    def __init__(self, path: str | os.PathLike):
-        self.path = Path(path)
-        self.rows: list[Row] = self._read()
+    columns = TASK_COLUMNS
 
-    def _read(self) -> list[Row]:
-        if not self.path.exists():
-            return []
-        rows: list[Row] = []
-        with open(self.path, newline="") as fh:
-            reader = csv.DictReader(fh)
-            if reader.fieldnames != TASK_COLUMNS:
-                raise ValueError(f"{self.path}: header {reader.fieldnames}; expected {TASK_COLUMNS}")
-            for line, record in enumerate(reader, start=2):
-                try:
-                    rows.append({"arm": record["arm"], "split": record["split"],
-                                 **{k: int(record[k]) for k in ("seed", "step", "task", "wins", "episodes")}})
-                except (TypeError, ValueError) as err:
-                    raise ValueError(f"{self.path}:{line}: expected integers in seed, step, task, wins, episodes "
-                                     f"({err})") from err
-        return rows
+    def _parse(self, record: dict[str, str]) -> Row:
+        try:
+            return {"arm": record["arm"], "split": record["split"],
+                    **{k: int(record[k]) for k in ("seed", "step", "task", "wins", "episodes")}}
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"expected integers in seed, step, task, wins, episodes ({err})") from err
+
+    def _sort_key(self, row: Row):
+        return row["arm"] != WARM_START, str(row["arm"]), row["seed"], row["step"], str(row["split"]), row["task"]
 
     def has(self, arm: str, seed: int, step: int) -> bool:
         return any((r["arm"], r["seed"], r["step"]) == (arm, seed, step) for r in self.rows)
@@ -154,21 +171,11 @@ class TasksFile:
                for split, per_task in tasks.items() for task, (wins, episodes) in sorted(per_task.items())]
         self._rewrite(lambda r: (r["arm"], r["seed"], r["step"]) != (arm, seed, step), new)
 
-    def _rewrite(self, keep, new_rows: list[Row]) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.path.with_name(self.path.name + ".lock"), "w") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            rows = [r for r in self._read() if keep(r)] + new_rows
-            rows.sort(key=lambda r: (r["arm"] != WARM_START, str(r["arm"]), r["seed"], r["step"], str(r["split"]),
-                                     r["task"]))
-            _write_atomically(self.path, TASK_COLUMNS, rows)
-            self.rows = rows
-
 
 TRAINING_COLUMNS = ["run", "seconds"]
 
 
-class TrainingFile:
+class TrainingFile(_SharedCsv):
     """``training.csv``: one row per finished training (warm start or online run) and the seconds it took.
 
     A ledger of compute spent, not of results: a run trained again (a lost directory, a changed recipe) adds a
@@ -176,29 +183,16 @@ class TrainingFile:
     so the cost of a grid trained over several sittings and machines is not lost with their run directories.
     """
 
-    def __init__(self, path: str | os.PathLike):
-        self.path = Path(path)
-        self.rows: list[Row] = self._read()
+    columns = TRAINING_COLUMNS
 
-    def _read(self) -> list[Row]:
-        if not self.path.exists():
-            return []
-        rows: list[Row] = []
-        with open(self.path, newline="") as fh:
-            reader = csv.DictReader(fh)
-            if reader.fieldnames != TRAINING_COLUMNS:
-                raise ValueError(f"{self.path}: header {reader.fieldnames}; expected {TRAINING_COLUMNS}")
-            for line, record in enumerate(reader, start=2):
-                try:
-                    seconds = float(record["seconds"])
-                except (TypeError, ValueError) as err:
-                    raise ValueError(f"{self.path}:{line}: column seconds: expected a number of seconds "
-                                     f"({err})") from err
-                if not record["run"] or not seconds >= 0:
-                    raise ValueError(f"{self.path}:{line}: expected a run name and seconds >= 0, got "
-                                     f"{record['run']!r}, {record['seconds']!r}")
-                rows.append({"run": record["run"], "seconds": seconds})
-        return rows
+    def _parse(self, record: dict[str, str]) -> Row:
+        try:
+            seconds = float(record["seconds"])
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"column seconds: expected a number of seconds ({err})") from err
+        if not record["run"] or not seconds >= 0:
+            raise ValueError(f"expected a run name and seconds >= 0, got {record['run']!r}, {record['seconds']!r}")
+        return {"run": record["run"], "seconds": seconds}
 
     @property
     def seconds(self) -> float:
@@ -209,9 +203,4 @@ class TrainingFile:
 
     def add(self, run: str, seconds: float) -> None:
         """Append one finished training (under the lock, re-reading the file: grids may share it)."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.path.with_name(self.path.name + ".lock"), "w") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            rows = self._read() + [{"run": run, "seconds": round(float(seconds), 1)}]
-            _write_atomically(self.path, TRAINING_COLUMNS, rows)
-            self.rows = rows
+        self._rewrite(lambda r: True, [{"run": run, "seconds": round(float(seconds), 1)}])
