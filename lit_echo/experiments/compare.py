@@ -229,7 +229,6 @@ class Grid:
 
     def __init__(self, spec: GridSpec, out: Path, data_dir: Path, *, report_only: bool = False):
         self.spec = spec
-        self.report_only = report_only
         self.out = out
         self.data_dir = data_dir
         self.arms = arms(spec.online_steps, spec.arm_set)
@@ -237,13 +236,13 @@ class Grid:
             if not (data_dir / name).is_file():
                 raise FileNotFoundError(f"{data_dir / name}: missing; --data-dir must hold the ShellWorld expert "
                                         "buffers (data/shellworld in the repository)")
-        self._check_spec()
+        self._check_spec(report_only)
         self.results = ResultsFile(out / "results.csv")
         self.tasks = TasksFile(out / "tasks.csv")
         self.training = TrainingFile(out / "training.csv")
         self.summary = Summary()
 
-    def _check_spec(self) -> None:
+    def _check_spec(self, report_only: bool) -> None:
         path = self.out / "spec.json"
         wanted = self.spec.to_json()
         if path.exists():
@@ -254,7 +253,7 @@ class Grid:
             wanted = json.loads(json.dumps(wanted))  # as JSON holds it (tuples as lists)
             if found != wanted:
                 changed = sorted(k for k in set(found) | set(wanted) if found.get(k) != wanted.get(k))
-                if changed == ["precision"] and self.report_only:
+                if changed == ["precision"] and report_only:
                     self.spec = dataclasses.replace(self.spec, precision=found["precision"])
                     return
                 if changed == ["precision"]:
