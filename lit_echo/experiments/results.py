@@ -83,7 +83,23 @@ class _SharedCsv:
             self.rows = rows
 
 
-class ResultsFile(_SharedCsv):
+class _PointsCsv(_SharedCsv):
+    """A :class:`_SharedCsv` whose rows belong to evaluation points: columns ``arm``, ``seed`` and ``step``."""
+
+    def has(self, arm: str, seed: int, step: int) -> bool:
+        return any((r["arm"], r["seed"], r["step"]) == (arm, seed, step) for r in self.rows)
+
+    def remove_run(self, arm: str, seed: int) -> None:
+        """Drop every row of run ``arm`` seed ``seed`` (they belong to an earlier run of that name)."""
+        if any((r["arm"], r["seed"]) == (arm, seed) for r in self._read()):
+            self._rewrite(lambda r: (r["arm"], r["seed"]) != (arm, seed), [])
+
+    def _replace_point(self, arm: str, seed: int, step: int, new_rows: list[Row]) -> None:
+        """The rows of one point become ``new_rows`` (its earlier rows are dropped)."""
+        self._rewrite(lambda r: (r["arm"], r["seed"], r["step"]) != (arm, seed, step), new_rows)
+
+
+class ResultsFile(_PointsCsv):
     """``results.csv``: the metrics of each evaluation point; :meth:`add` replaces one point durably.
 
     Several grid processes may share one file (e.g. ``--arms mask`` and ``--arms echo`` side by side, each on
@@ -103,20 +119,12 @@ class ResultsFile(_SharedCsv):
     def _sort_key(self, row: Row):
         return row["arm"] != WARM_START, str(row["arm"]), row["seed"], row["step"]
 
-    def has(self, arm: str, seed: int, step: int) -> bool:
-        return any(r["arm"] == arm and r["seed"] == seed and r["step"] == step for r in self.rows)
-
     def add(self, arm: str, seed: int, step: int, metrics: dict[str, float]) -> None:
         missing = [name for name in METRIC_COLUMNS if name not in metrics]
         if missing:
             raise KeyError(f"evaluation result lacks columns {missing}")
         row = {"arm": arm, "seed": seed, "step": step, **{k: metrics[k] for k in METRIC_COLUMNS}}
-        self._rewrite(lambda r: (r["arm"], r["seed"], r["step"]) != (arm, seed, step), [row])
-
-    def remove_run(self, arm: str, seed: int) -> None:
-        """Drop every row of run ``arm`` seed ``seed`` (they belong to an earlier run of that name)."""
-        if any(r["arm"] == arm and r["seed"] == seed for r in self._read()):
-            self._rewrite(lambda r: (r["arm"], r["seed"]) != (arm, seed), [])
+        self._replace_point(arm, seed, step, [row])
 
 
 def _write_atomically(path: Path, columns: list[str], rows: list[Row]) -> None:
@@ -135,7 +143,7 @@ def _write_atomically(path: Path, columns: list[str], rows: list[Row]) -> None:
 TASK_COLUMNS = ["arm", "seed", "step", "split", "task", "wins", "episodes"]
 
 
-class TasksFile(_SharedCsv):
+class TasksFile(_PointsCsv):
     """``tasks.csv``: per evaluation point and split, each task's episodes won and played (:meth:`rates`);
     :meth:`add` replaces one point's tasks."""
 
@@ -151,25 +159,17 @@ class TasksFile(_SharedCsv):
     def _sort_key(self, row: Row):
         return row["arm"] != WARM_START, str(row["arm"]), row["seed"], row["step"], str(row["split"]), row["task"]
 
-    def has(self, arm: str, seed: int, step: int) -> bool:
-        return any((r["arm"], r["seed"], r["step"]) == (arm, seed, step) for r in self.rows)
-
     def rates(self, arm: str, seed: int, step: int, split: str) -> dict[int, float]:
         """Success rate of each task of one point and split ({} when the point is not here)."""
         return {int(r["task"]): r["wins"] / r["episodes"] for r in self.rows
                 if (r["arm"], r["seed"], r["step"], r["split"]) == (arm, seed, step, split) and r["episodes"]}
-
-    def remove_run(self, arm: str, seed: int) -> None:
-        """Drop every point of run ``arm`` seed ``seed``."""
-        if any((r["arm"], r["seed"]) == (arm, seed) for r in self._read()):
-            self._rewrite(lambda r: (r["arm"], r["seed"]) != (arm, seed), [])
 
     def add(self, arm: str, seed: int, step: int, tasks: dict[str, dict[int, tuple[int, int]]]) -> None:
         """``tasks``: split -> task seed -> (wins, episodes) of one point (its earlier rows are replaced)."""
         new = [{"arm": arm, "seed": seed, "step": step, "split": split, "task": task, "wins": wins,
                 "episodes": episodes}
                for split, per_task in tasks.items() for task, (wins, episodes) in sorted(per_task.items())]
-        self._rewrite(lambda r: (r["arm"], r["seed"], r["step"]) != (arm, seed, step), new)
+        self._replace_point(arm, seed, step, new)
 
 
 TRAINING_COLUMNS = ["run", "seconds"]
